@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` (set up + main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: demo test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/edgecompress compress
+
+test: $(BIN)/.installed
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/ruff check edgecompress tests benchmarks
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check edgecompress tests benchmarks
+	$(BIN)/ruff format --check edgecompress tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,192 @@
+"""Command line: ``edgecompress compress | eval | inspect | passes | train-demo``.
+
+Thin: parse, call the library, print. Every user error is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+import typing
+from pathlib import Path
+
+from edgecompress.errors import UserError
+
+DEFAULT_MODEL = "demo:vit-digits"
+DEFAULT_RECIPE = "uniform_w8a8"
+
+
+def _model_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
+    p.add_argument("--model", default=model_default, help="timm:<arch>, hf:<dir>, demo:<name> or a compressed folder")
+    p.add_argument("--checkpoint", help="weights for a timm: model (.safetensors only)")
+    p.add_argument("--random-init", action="store_true", help="random weights for timm:/hf: models (explicit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgecompress", description="Compress trained transformers with one YAML recipe.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("compress", help="run a recipe on a model and write an output folder")
+    _model_args(c, None)
+    c.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe file or shipped recipe name (default %(default)s)")
+    c.add_argument("--out", help="output folder (must not exist; default runs/<model>-<recipe>-<time>)")
+    c.add_argument("--calib", help="calibration data: digits, imagefolder:PATH, text, text:FILE")
+    c.add_argument("--eval", dest="eval_data", help="evaluation data (same forms as --calib)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. passes.0.w_bits=4")
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e = sub.add_parser("eval", help="evaluate a model spec or a compressed folder")
+    _model_args(e, DEFAULT_MODEL)
+    e.add_argument("--data", help="digits, imagefolder:PATH, text, text:FILE (default by model kind)")
+    e.add_argument("--samples", type=int, default=0, help="limit the number of samples (0 = all)")
+    i = sub.add_parser("inspect", help="what a compression did, per layer")
+    i.add_argument("dir", help="a folder written by compress")
+    sub.add_parser("passes", help="every registered pass with its fields")
+    t = sub.add_parser("train-demo", help="train the demo:vit-digits weights (deterministic)")
+    t.add_argument("--out", default="runs/vit_digits.safetensors")
+    t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def _load(args):
+    from edgecompress.models.loading import load_model
+
+    return load_model(args.model, checkpoint=args.checkpoint, random_init=args.random_init)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60]
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    from edgecompress.job import compress, summary_rows
+    from edgecompress.recipe import load_recipe
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    recipe = load_recipe(args.recipe, args.set)
+    args.model = args.model or recipe.model or DEFAULT_MODEL
+    recipe.model = args.model
+    if args.calib:
+        recipe.calibration["data"] = args.calib
+    if args.eval_data:
+        recipe.eval["data"] = args.eval_data
+    name = Path(args.recipe).stem
+    out = Path(args.out or f"runs/{_slug(args.model)}-{_slug(name)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists():
+        raise UserError(f"output folder {out} already exists (choose another --out)")
+    loaded = _load(args)
+    result = compress(loaded, recipe, out, args.device)
+    _print_table(summary_rows(result.report), ("", "baseline", "compressed"))
+    print(f"compress time: {result.report['compress_seconds']} s; output: {result.out}")
+    return 0
+
+
+def _print_table(rows, header) -> None:
+    rows = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for k, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_eval(args) -> int:
+    from edgecompress.data.metrics import evaluate
+    from edgecompress.data.specs import load_data
+
+    loaded = _load(args)
+    data = load_data(args.data, loaded, "test", args.samples)
+    reference = None
+    if loaded.kind == "encoder":  # fidelity needs a reference: the uncompressed base model
+        reference = _encoder_reference(loaded, data)
+    metrics, _ = evaluate(loaded, loaded.model, data, reference)
+    print(json.dumps({"model": loaded.spec, **metrics}))
+    return 0
+
+
+def _encoder_reference(loaded, data):
+    from edgecompress.data.metrics import outputs
+    from edgecompress.models.loading import load_model
+
+    spec = loaded.base.get("spec", loaded.spec)
+    if spec == loaded.spec:
+        return None
+    base = load_model(spec)
+    return outputs(base, base.model, data)
+
+
+def cmd_inspect(args) -> int:
+    folder = Path(args.dir)
+    if not (folder / "structure.json").is_file():
+        raise UserError(f"{folder} is not an edgecompress output folder (no structure.json)")
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}/report.json is missing or corrupt ({e})") from None
+    print(f"model: {report['model']}  passes: {', '.join(p['pass'] for p in report['passes'])}")
+    rows = []
+    for rec in report["passes"]:
+        for r in rec["layers"]:
+            shape = r.get("shape", "")
+            size = "" if not shape else f"{shape[0] * shape[1] * (r.get('w_bits') or 32) / 8 / 1024:.1f} KiB"
+            what = f"{r.get('quantizer', r.get('layer', ''))} {r.get('role', '')}".strip()
+            rows.append((r["name"], what, r.get("bits", r.get("w_bits", "")), r.get("sparsity", ""), shape, size, r.get("sqnr_db", r.get("weight_sqnr_db", ""))))
+    _print_table(rows, ("module", "what", "bits", "sparsity", "shape", "size", "SQNR dB"))
+    sb, sc = report["size_bytes"]["baseline"], report["size_bytes"]["compressed"]
+    print(f"size: {sb / 1e6:.3f} MB -> {sc / 1e6:.3f} MB")
+    return 0
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def cmd_passes(args) -> int:
+    from edgecompress.pipeline import PASSES, load_builtin_passes
+
+    load_builtin_passes()
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        hints = typing.get_type_hints(cls)
+        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            if f.init:
+                print(f"    {f.name}: {_type_name(hints[f.name])} = {f.default!r}")
+    return 0
+
+
+def cmd_train_demo(args) -> int:
+    from edgecompress.models.demo import train_vit_digits
+
+    acc = train_vit_digits(Path(args.out), epochs=args.epochs, seed=args.seed)
+    print(f"test top-1 {acc * 100:.2f}%  weights: {args.out}")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "passes": cmd_passes, "train-demo": cmd_train_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["compress"])
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"edgecompress: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgecompress: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

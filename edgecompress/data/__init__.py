@@ -1,0 +1,1 @@
+"""Datasets (digits, image folders, text) and the metrics computed on them."""

@@ -1,0 +1,82 @@
+"""Data specs → batches that fit a loaded model: ``digits``, ``imagefolder:PATH``, ``text``, ``text:FILE``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgecompress.errors import UserError
+from edgecompress.models.loading import LoadedModel
+
+MAX_TOKENS = 128
+
+
+@dataclass
+class Batches:
+    """Model-ready batches (tensors for images, dicts of tensors for text) and optional labels."""
+
+    batches: list
+    labels: torch.Tensor | None
+    spec: str
+    count: int
+
+
+def default_data(loaded: LoadedModel) -> str:
+    return "digits" if loaded.kind == "image" else "text"
+
+
+def _chunks(x, size: int) -> list:
+    return [x[i : i + size] for i in range(0, len(x), size)]
+
+
+def _images(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: int) -> Batches:
+    from edgecompress.data.images import digits_split, fit_images, imagefolder
+
+    cfg = loaded.data_cfg
+    if spec == "digits":
+        raw, labels = digits_split(split)
+        x = fit_images(raw, tuple(cfg["input_size"]), cfg["mean"], cfg["std"])
+    else:
+        x, labels, _ = imagefolder(spec[len("imagefolder:") :], tuple(cfg["input_size"]), cfg["mean"], cfg["std"], cfg.get("crop_pct", 0.875))
+    if samples:
+        x, labels = x[:samples], labels[:samples]
+    return Batches(_chunks(x, batch_size), labels, spec, len(x))
+
+
+def _text(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: int) -> Batches:
+    from transformers import AutoTokenizer
+
+    from edgecompress.data.text import load_texts
+
+    if not loaded.tokenizer_dir:
+        raise UserError(f"model {loaded.spec} has no tokenizer files, so text data cannot be fed to it")
+    texts = load_texts(spec, split)
+    if samples:
+        texts = texts[:samples]
+    tok = AutoTokenizer.from_pretrained(loaded.tokenizer_dir, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batches = []
+    for chunk in _chunks(texts, batch_size):
+        enc = tok(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        batches.append(dict(enc))
+    return Batches(batches, None, spec, len(texts))
+
+
+def load_data(spec: str | None, loaded: LoadedModel, split: str, samples: int = 0, batch_size: int = 32) -> Batches:
+    """Load ``spec`` (default: digits for image models, built-in text otherwise) for ``loaded``."""
+    spec = spec or default_data(loaded)
+    is_image_spec = spec == "digits" or spec.startswith("imagefolder:")
+    is_text_spec = spec == "text" or spec.startswith("text:")
+    if not (is_image_spec or is_text_spec):
+        raise UserError(f"unknown data spec {spec!r}: use digits, imagefolder:PATH, text or text:FILE")
+    if is_image_spec != (loaded.kind == "image"):
+        want = "image data (digits, imagefolder:PATH)" if loaded.kind == "image" else "text data (text, text:FILE)"
+        raise UserError(f"data {spec!r} does not fit {loaded.kind} model {loaded.spec}: it needs {want}")
+    if samples < 0 or batch_size <= 0:
+        raise UserError("samples must be ≥ 0 and batch_size > 0")
+    out = (_images if is_image_spec else _text)(spec, loaded, split, samples, batch_size)
+    if out.count == 0:
+        raise UserError(f"data {spec!r} is empty")
+    return out

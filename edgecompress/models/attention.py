@@ -1,0 +1,174 @@
+"""Attention in explicit form: q@kᵀ, softmax and A@V as separate, quantizable points.
+
+timm and Hugging Face fuse attention into ``scaled_dot_product_attention``; PTQ needs the inputs
+of both matmuls. :class:`AttentionMatmuls` is the common form: it receives per-head ``q, k, v``
+(``[B, H, N, D]``; K/V may have fewer heads) and runs them through the points ``q_point``,
+``k_point``, ``probs_point`` and ``v_point``.
+
+* timm ``Attention`` (ViT, DeiT) and Swin ``WindowAttention`` are swapped for subclasses that
+  override ``forward`` only and keep every parameter name, so checkpoints load unchanged.
+* Hugging Face models are not touched in code: an attention function is registered under the name
+  ``"edgecompress"`` through transformers' public ``AttentionInterface`` and each attention module
+  gets an ``ec_matmuls`` child; this covers BERT-style encoders, ViT and Llama-style decoders
+  (which pass q/k after RoPE, as the paper's quantizers expect).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgecompress.models.points import QuantPoint
+from edgecompress.models.targeting import record_op, structure_of
+
+HF_IMPL = "edgecompress"
+
+
+class AttentionMatmuls(nn.Module):
+    """``softmax(q kᵀ · scale + bias) v`` with a quantization point on each matmul input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_point = QuantPoint("attn_q")
+        self.k_point = QuantPoint("attn_k")
+        self.probs_point = QuantPoint("attn_probs")
+        self.v_point = QuantPoint("attn_v")
+
+    def forward(self, q, k, v, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+        q, k, v = self.q_point(q), self.k_point(k), self.v_point(v)  # [B, H, N, D], [B, Hkv, M, D]
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each K/V head
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * scale  # [B, H, N, M]
+        if bias is not None:
+            if bias.dtype == torch.bool:
+                bias = torch.zeros_like(bias, dtype=scores.dtype).masked_fill(~bias, float("-inf"))
+            scores = scores + bias
+        probs = self.probs_point(scores.softmax(dim=-1))
+        return probs @ v  # [B, H, N, D]
+
+
+def _adopt(cls: type, original: nn.Module) -> nn.Module:
+    """An instance of ``cls`` (a subclass of ``type(original)``) sharing all of original's state."""
+    new = cls.__new__(cls)
+    new.__dict__.update(original.__dict__)
+    new.__dict__["_modules"] = dict(original._modules)
+    new.matmuls = AttentionMatmuls()
+    return new
+
+
+def _timm_classes() -> dict[type, type]:
+    from timm.layers.attention import Attention
+    from timm.models.swin_transformer import WindowAttention
+
+    class ExplicitAttention(Attention):
+        """timm ``Attention`` with the non-fused path routed through :class:`AttentionMatmuls`."""
+
+        def forward(self, x, attn_mask=None, is_causal=False):
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # [B, H, N, D]
+            q, k = self.q_norm(q), self.k_norm(k)
+            if is_causal:
+                attn_mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            x = self.matmuls(q, k, v, attn_mask, self.scale)
+            x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+            x = self.norm(x)
+            if gate is not None:
+                x = x * gate
+            return self.proj_drop(self.proj(x))
+
+    class ExplicitWindowAttention(WindowAttention):
+        """timm Swin ``WindowAttention`` with explicit matmuls (relative bias and shift mask kept)."""
+
+        def forward(self, x, mask=None):
+            B_, N, _ = x.shape
+            qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # [B_, H, N, D]
+            bias = self._get_rel_pos_bias()  # [1, H, N, N]
+            if mask is not None:
+                nw = mask.shape[0]
+                bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(B_ // nw, -1, -1, -1, -1)
+                bias = bias.reshape(-1, self.num_heads, N, N)
+            x = self.matmuls(q, k, v, bias, self.scale)
+            x = x.transpose(1, 2).reshape(B_, N, -1)
+            return self.proj_drop(self.proj(x))
+
+    return {Attention: ExplicitAttention, WindowAttention: ExplicitWindowAttention}
+
+
+_TIMM = None
+
+
+def _timm_map() -> dict[type, type]:
+    global _TIMM
+    if _TIMM is None:
+        _TIMM = _timm_classes()
+    return _TIMM
+
+
+def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: explicit matmuls through ``module.ec_matmuls``."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[-2]:
+        mask = mask[..., : key.shape[-2]]
+    out = module.ec_matmuls(query, key, value, mask, scale)  # [B, H, N, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_hf() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(HF_IMPL, _hf_attention)
+    try:
+        from transformers import AttentionMaskInterface
+        from transformers.masking_utils import eager_mask
+
+        AttentionMaskInterface.register(HF_IMPL, eager_mask)  # always a materialized additive mask
+    except ImportError:  # older transformers build masks without the interface
+        pass
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "_attn_implementation")
+
+
+def _set_hf_impl(model: nn.Module) -> None:
+    _register_hf()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(HF_IMPL)
+    else:
+        model.config._attn_implementation = HF_IMPL
+
+
+def _hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules whose forward calls the attention interface: they carry a ``scaling`` attribute."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "scaling") and hasattr(m, "config")]
+
+
+def explicit_attention_(model: nn.Module) -> list[str]:
+    """Make every supported attention explicit, in place; returns the attention modules' names.
+
+    Idempotent. Records one ``explicit_attention`` op in the structure map.
+    """
+    if any(isinstance(m, AttentionMatmuls) for m in model.modules()):
+        return [n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, AttentionMatmuls)]
+    done = []
+    if _is_hf(model):
+        _set_hf_impl(model)
+        for name, mod in _hf_attention_modules(model):
+            mod.ec_matmuls = AttentionMatmuls()
+            done.append(name)
+    else:
+        mapping = _timm_map()
+        for name, mod in list(model.named_modules()):
+            new_cls = mapping.get(type(mod))
+            if new_cls is not None:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, _adopt(new_cls, mod))
+                done.append(name)
+    structure_of(model)  # make sure the map exists even if nothing matched
+    record_op(model, {"op": "explicit_attention", "modules": done})
+    return done

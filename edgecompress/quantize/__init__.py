@@ -1,0 +1,1 @@
+"""Quantization: quantizers as pure functions, quantizer modules, and the PTQ passes."""

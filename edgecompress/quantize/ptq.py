@@ -1,0 +1,104 @@
+"""``uniform_ptq``: the baseline uniform post-training quantization every method is compared with.
+
+Weights: asymmetric (or symmetric) uniform, per output channel, min/max. Activations: per tensor
+at the inputs of every targeted Linear and of both attention matmuls (q, k, softmax output, v),
+with ``observer`` = ``minmax``, ``percentile`` (clip to the ``percentile``/100 and
+(100 − ``percentile``)/100 quantiles) or ``mse`` (clip ratio minimizing the quantization MSE of the
+calibration sample). All statistics come from one run of ``ctx.forward_loop`` on the float model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from edgecompress.calib import ActivationStats, observe
+from edgecompress.models.attention import explicit_attention_
+from edgecompress.models.points import points
+from edgecompress.models.targeting import replace_module, select_modules
+from edgecompress.pipeline import Context, register_pass
+from edgecompress.quantize.modules import QuantLinear, UniformQuantizer, sqnr_db
+from edgecompress.quantize.uniform import mse_search_range, params_from_range, weight_params
+
+ATTENTION_ROLES = ("attn_q", "attn_k", "attn_probs", "attn_v")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(w_bits: int, a_bits: int) -> None:
+    for field_name, b in (("w_bits", w_bits), ("a_bits", a_bits)):
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise ValueError(f"{field_name} must be in [{MIN_BITS}, {MAX_BITS}], got {b}")
+
+
+def quantize_linears_(model: nn.Module, targets, ignore) -> list[str]:
+    """Swap every targeted ``nn.Linear`` for a :class:`QuantLinear`; returns their names."""
+    names = []
+    for name, mod in select_modules(model, targets, ignore):
+        if type(mod) is nn.Linear:
+            replace_module(model, name, QuantLinear.from_linear(mod))
+            names.append(name)
+    return names
+
+
+def activation_params(stats: ActivationStats, bits: int, symmetric: bool, observer: str, percentile: float):
+    lo, hi = torch.tensor(stats.lo), torch.tensor(stats.hi)
+    if observer == "percentile":
+        q = torch.tensor([1 - percentile / 100, percentile / 100])
+        lo, hi = torch.quantile(stats.sample, q)
+    if observer == "mse":
+        return mse_search_range(stats.sample, lo, hi, bits, symmetric)
+    return params_from_range(lo, hi, bits, symmetric)
+
+
+@register_pass
+@dataclass(frozen=True)
+class UniformPTQ:
+    """Uniform min/max-style PTQ of Linear layers and attention matmuls (W8A8 … W2A2)."""
+
+    name: ClassVar[str] = "uniform_ptq"
+    needs_data: ClassVar[bool] = True
+
+    w_bits: int = 8
+    a_bits: int = 8
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = 99.99
+    symmetric: bool = False
+    quantize_attention: bool = True
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ()
+    version: int = 1
+
+    def __post_init__(self):
+        check_bits(self.w_bits, self.a_bits)
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        if self.quantize_attention:
+            explicit_attention_(model)
+        linears = quantize_linears_(model, self.targets, self.ignore)
+        for name in linears:
+            layer: QuantLinear = model.get_submodule(name)
+            w = layer.weight.detach()
+            wq = UniformQuantizer(self.w_bits, self.symmetric, "channel", "weight")
+            wq.set_params(*weight_params(w, self.w_bits, self.symmetric))
+            wq.stats = {"sqnr_db": round(sqnr_db(w, wq(w)), 2)}
+            replace_module(model, f"{name}.w_quant", wq)
+        act_points = [f"{n}.in_quant" for n in linears]
+        if self.quantize_attention:
+            act_points += [n for n, _ in points(model, ATTENTION_ROLES)]
+        stats = observe(model, act_points, ctx.forward_loop, seed=ctx.seed)
+        for name in act_points:
+            role = model.get_submodule(name).role
+            st = stats[name]
+            if st.sample is None:  # the point never ran (e.g. an unused head): leave it float
+                continue
+            sym = self.symmetric and role != "attn_probs"
+            q = UniformQuantizer(self.a_bits, sym, "tensor", role)
+            q.set_params(*activation_params(st, self.a_bits, sym, self.observer, self.percentile))
+            q.stats = {"sqnr_db": round(sqnr_db(st.sample, q(st.sample)), 2), "observer": self.observer}
+            replace_module(model, name, q)
+        return model

@@ -1,0 +1,37 @@
+"""Targeting language and module swaps (oracle: the module names we expect, exactly)."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from edgecompress.errors import UserError
+from edgecompress.models.points import QuantPoint
+from edgecompress.models.targeting import replace_module, select_modules, structure_of
+
+
+def _net():
+    return nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), nn.Linear(8, 2))
+
+
+def test_select_by_class_name_regex_and_ignore():
+    m = _net()
+    assert [n for n, _ in select_modules(m, ["Linear"])] == ["0", "2.0", "3"]
+    assert [n for n, _ in select_modules(m, ["re:2\\..*"])] == ["2.0", "2.1"]
+    assert [n for n, _ in select_modules(m, ["Linear"], ["3"])] == ["0", "2.0"]
+    assert [n for n, _ in select_modules(m, ["2.1"])] == ["2.1"]
+    assert [n for n, _ in select_modules(m, ["Module"], ["re:.*"])] == []
+
+
+def test_bad_regex_is_a_user_error():
+    with pytest.raises(UserError, match="invalid regular expression"):
+        select_modules(_net(), ["re:("])
+
+
+def test_replace_module_records_the_swap():
+    m = _net()
+    replace_module(m, "1", QuantPoint("linear_in"))
+    assert isinstance(m[1], QuantPoint)
+    assert structure_of(m)["ops"] == [{"op": "swap", "name": "1", "cls": "QuantPoint", "config": {"role": "linear_in"}}]
+    with pytest.raises(TypeError, match="not a registered swap class"):
+        replace_module(m, "0", nn.Linear(4, 8))
