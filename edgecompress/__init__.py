@@ -13,5 +13,15 @@ from edgecompress.models.loading import load_model
 from edgecompress.pipeline import PASSES, Context, register_pass, restore, run, save
 from edgecompress.recipe import load_recipe
 
-__all__ = ["PASSES", "Context", "UserError", "load_model", "load_recipe", "register_pass", "restore", "run", "save"]
+__all__ = [
+    "PASSES",
+    "Context",
+    "UserError",
+    "load_model",
+    "load_recipe",
+    "register_pass",
+    "restore",
+    "run",
+    "save",
+]
 __version__ = "0.1.0"

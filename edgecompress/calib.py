@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from edgecompress.errors import UserError
 from edgecompress.pipeline import Context
@@ -32,7 +33,7 @@ def make_context(
         model.eval()
         try:
             with torch.no_grad():
-                for b in batches:
+                for b in tqdm(batches, desc="calibration", unit="batch", leave=False, disable=None):
                     call(model, b)
         finally:
             model.train(was_training)
@@ -67,14 +68,20 @@ class ActivationStats:
 
 
 def observe(
-    model: nn.Module, names: Sequence[str], forward_loop: Callable[[nn.Module], None], cap: int = 65536, seed: int = 0
+    model: nn.Module,
+    names: Sequence[str],
+    forward_loop: Callable[[nn.Module], None],
+    cap: int = 65536,
+    seed: int = 0,
 ) -> dict[str, ActivationStats]:
     """Statistics of the input of each named module over one run of ``forward_loop``."""
     stats = {n: ActivationStats(cap=cap, seed=seed) for n in names}
     hooks = []
     try:
         for n in names:
-            hooks.append(model.get_submodule(n).register_forward_pre_hook(lambda m, a, s=stats[n]: s.update(a[0])))
+            hooks.append(
+                model.get_submodule(n).register_forward_pre_hook(lambda m, a, s=stats[n]: s.update(a[0]))
+            )
         forward_loop(model)
     finally:
         for h in hooks:
@@ -90,7 +97,11 @@ def capture_inputs(
     hooks = []
     try:
         for n in names:
-            hooks.append(model.get_submodule(n).register_forward_pre_hook(lambda m, a, s=seen[n]: s.append(a[0].detach())))
+            hooks.append(
+                model.get_submodule(n).register_forward_pre_hook(
+                    lambda m, a, s=seen[n]: s.append(a[0].detach())
+                )
+            )
         forward_loop(model)
     finally:
         for h in hooks:

@@ -21,21 +21,35 @@ DEFAULT_RECIPE = "uniform_w8a8"
 
 
 def _model_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
-    p.add_argument("--model", default=model_default, help="timm:<arch>, hf:<dir>, demo:<name> or a compressed folder")
+    p.add_argument(
+        "--model", default=model_default, help="timm:<arch>, hf:<dir>, demo:<name> or a compressed folder"
+    )
     p.add_argument("--checkpoint", help="weights for a timm: model (.safetensors only)")
-    p.add_argument("--random-init", action="store_true", help="random weights for timm:/hf: models (explicit)")
+    p.add_argument(
+        "--random-init", action="store_true", help="random weights for timm:/hf: models (explicit)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edgecompress", description="Compress trained transformers with one YAML recipe.")
+    ap = argparse.ArgumentParser(
+        prog="edgecompress", description="Compress trained transformers with one YAML recipe."
+    )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("compress", help="run a recipe on a model and write an output folder")
     _model_args(c, None)
-    c.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe file or shipped recipe name (default %(default)s)")
+    c.add_argument(
+        "--recipe", default=DEFAULT_RECIPE, help="recipe file or shipped recipe name (default %(default)s)"
+    )
     c.add_argument("--out", help="output folder (must not exist; default runs/<model>-<recipe>-<time>)")
     c.add_argument("--calib", help="calibration data: digits, imagefolder:PATH, text, text:FILE")
     c.add_argument("--eval", dest="eval_data", help="evaluation data (same forms as --calib)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. passes.0.w_bits=4")
+    c.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. passes.0.w_bits=4",
+    )
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     e = sub.add_parser("eval", help="evaluate a model spec or a compressed folder")
     _model_args(e, DEFAULT_MODEL)
@@ -136,7 +150,17 @@ def cmd_inspect(args) -> int:
             shape = r.get("shape", "")
             size = "" if not shape else f"{shape[0] * shape[1] * (r.get('w_bits') or 32) / 8 / 1024:.1f} KiB"
             what = f"{r.get('quantizer', r.get('layer', ''))} {r.get('role', '')}".strip()
-            rows.append((r["name"], what, r.get("bits", r.get("w_bits", "")), r.get("sparsity", ""), shape, size, r.get("sqnr_db", r.get("weight_sqnr_db", ""))))
+            rows.append(
+                (
+                    r["name"],
+                    what,
+                    r.get("bits", r.get("w_bits", "")),
+                    r.get("sparsity", ""),
+                    shape,
+                    size,
+                    r.get("sqnr_db", r.get("weight_sqnr_db", "")),
+                )
+            )
     _print_table(rows, ("module", "what", "bits", "sparsity", "shape", "size", "SQNR dB"))
     sb, sc = report["size_bytes"]["baseline"], report["size_bytes"]["compressed"]
     print(f"size: {sb / 1e6:.3f} MB -> {sc / 1e6:.3f} MB")
@@ -171,7 +195,13 @@ def cmd_train_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "passes": cmd_passes, "train-demo": cmd_train_demo}
+COMMANDS = {
+    "compress": cmd_compress,
+    "eval": cmd_eval,
+    "inspect": cmd_inspect,
+    "passes": cmd_passes,
+    "train-demo": cmd_train_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

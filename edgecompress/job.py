@@ -19,7 +19,14 @@ from edgecompress.pipeline import run, save
 from edgecompress.quantize.modules import deployed_size_bytes
 from edgecompress.recipe import Recipe, dump_recipe, recipe_to_dict
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt", "vocab.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "merges.txt",
+    "vocab.json",
+)
 
 
 @dataclass
@@ -74,7 +81,11 @@ def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str = "cpu"
     base_size = deployed_size_bytes(model)
     baseline_model = copy.deepcopy(model)  # timed after compression, back to back with the result
     needs = any(p.needs_data for p in recipe.passes)
-    ctx_batches = load_data(cal["data"], loaded, "train", cal["samples"], cal["batch_size"]).batches if needs else [eval_data.batches[0]]
+    ctx_batches = (
+        load_data(cal["data"], loaded, "train", cal["samples"], cal["batch_size"]).batches
+        if needs
+        else [eval_data.batches[0]]
+    )
     ctx = make_context(ctx_batches, loaded.call, dev, cal["seed"])
     torch.manual_seed(cal["seed"])
     t0 = time.perf_counter()
@@ -127,16 +138,32 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     sb, sc = report["size_bytes"]["baseline"], report["size_bytes"]["compressed"]
     rows.append(("size (MB)", f"{sb / 1e6:.3f}", f"{sc / 1e6:.3f} ({sb / max(sc, 1):.2f}x smaller)"))
     lat = report["latency_ms"]
-    rows.append((f"latency CPU b{lat['batch']} (ms, median)", str(lat["baseline"]["median_ms"]), str(lat["compressed"]["median_ms"])))
+    rows.append(
+        (
+            f"latency CPU b{lat['batch']} (ms, median)",
+            str(lat["baseline"]["median_ms"]),
+            str(lat["compressed"]["median_ms"]),
+        )
+    )
     return rows
 
 
 def report_markdown(report: dict) -> str:
-    lines = [f"# edgecompress report: {report['model']}", "", "| metric | baseline | compressed |", "|---|---|---|"]
+    lines = [
+        f"# edgecompress report: {report['model']}",
+        "",
+        "| metric | baseline | compressed |",
+        "|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
     lines += ["", f"Latency: {report['latency_ms']['note']}.", ""]
     for rec in report["passes"]:
-        lines += [f"## pass `{rec['pass']}` ({rec['seconds']} s)", "", "| module | what | bits | SQNR (dB) |", "|---|---|---|---|"]
+        lines += [
+            f"## pass `{rec['pass']}` ({rec['seconds']} s)",
+            "",
+            "| module | what | bits | SQNR (dB) |",
+            "|---|---|---|---|",
+        ]
         for row in rec["layers"]:
             bits = row.get("bits", row.get("w_bits", ""))
             what = row.get("quantizer", row.get("layer", ""))
@@ -144,5 +171,7 @@ def report_markdown(report: dict) -> str:
             lines.append(f"| {row['name']} | {what} {row.get('role', '')} | {bits} | {sq} |")
         lines.append("")
     env = report["environment"]
-    lines.append(f"Environment: torch {env['torch']}, {env['cpu']}, {env['threads']} threads, CUDA: {env['cuda']}.")
+    lines.append(
+        f"Environment: torch {env['torch']}, {env['cpu']}, {env['threads']} threads, CUDA: {env['cuda']}."
+    )
     return "\n".join(lines) + "\n"

@@ -143,7 +143,9 @@ def resolve_recipe_path(path_or_name: str) -> Path:
         if cand.is_file():
             return cand
     shipped = sorted(f.stem for f in RECIPES_DIR.glob("*.yaml"))
-    raise UserError(f"recipe {path_or_name!r} is neither a file nor a shipped recipe{_suggest(path_or_name, shipped)}")
+    raise UserError(
+        f"recipe {path_or_name!r} is neither a file nor a shipped recipe{_suggest(path_or_name, shipped)}"
+    )
 
 
 def load_yaml_text(text: str, source: str) -> Any:

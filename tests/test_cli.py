@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 from edgecompress.cli import main
 from tests.conftest import tiny_timm
 
-TINY_VIT = "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&embed_dim=48&depth=2&num_heads=4&num_classes=10"
+TINY_VIT = (
+    "timm:vit_tiny_patch16_224?img_size=32&patch_size=8&embed_dim=48&depth=2&num_heads=4&num_classes=10"
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,14 @@ def _recipe(tmp_path, text: str) -> str:
 def _bad(tmp_path, ckpt):
     return {
         "unknown pass": (["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_pt}]")], "unknown pass"),
-        "unknown field": (["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_ptq, bits: 4}]")], "unknown field"),
-        "mistyped field": (["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_ptq, w_bits: x}]")], "expected int"),
+        "unknown field": (
+            ["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_ptq, bits: 4}]")],
+            "unknown field",
+        ),
+        "mistyped field": (
+            ["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_ptq, w_bits: x}]")],
+            "expected int",
+        ),
         "malformed yaml": (["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_ptq")], "malformed YAML"),
         "missing recipe": (["--recipe", "no_such_recipe_anywhere"], "neither a file nor a shipped recipe"),
         "unknown spec": (["--model", "nosuch:thing"], "unknown model spec"),
@@ -50,14 +58,34 @@ def _bad(tmp_path, ckpt):
         "missing hf dir": (["--model", f"hf:{tmp_path}/nothing"], "not a transformers model folder"),
         "unknown demo": (["--model", "demo:nope"], "unknown demo model"),
         "no local weights": (["--model", "timm:vit_tiny_patch16_224"], "no local pretrained weights"),
-        "missing weights": (["--model", TINY_VIT, "--checkpoint", str(ckpt / "absent.safetensors")], "checkpoint not found"),
-        "truncated weights": (["--model", TINY_VIT, "--checkpoint", str(ckpt / "truncated.safetensors")], "not a valid safetensors"),
-        "not safetensors": (["--model", TINY_VIT, "--checkpoint", str(ckpt / "garbage.safetensors")], "not a valid safetensors"),
+        "missing weights": (
+            ["--model", TINY_VIT, "--checkpoint", str(ckpt / "absent.safetensors")],
+            "checkpoint not found",
+        ),
+        "truncated weights": (
+            ["--model", TINY_VIT, "--checkpoint", str(ckpt / "truncated.safetensors")],
+            "not a valid safetensors",
+        ),
+        "not safetensors": (
+            ["--model", TINY_VIT, "--checkpoint", str(ckpt / "garbage.safetensors")],
+            "not a valid safetensors",
+        ),
         "pickle weights": (["--model", TINY_VIT, "--checkpoint", str(ckpt / "weights.pt")], "pickle"),
-        "weights do not fit": (["--model", TINY_VIT.replace("depth=2", "depth=3"), "--checkpoint", str(ckpt / "good.safetensors")], "does not fit the model"),
+        "weights do not fit": (
+            [
+                "--model",
+                TINY_VIT.replace("depth=2", "depth=3"),
+                "--checkpoint",
+                str(ckpt / "good.safetensors"),
+            ],
+            "does not fit the model",
+        ),
         "nan model": (["--model", TINY_VIT, "--checkpoint", str(ckpt / "nan.safetensors")], "non-finite"),
         "empty calibration folder": (["--calib", f"imagefolder:{ckpt / 'emptydir'}"], "no class sub-folders"),
-        "empty text file": (["--model", "demo:minilm", "--calib", f"text:{ckpt / 'empty.txt'}"], "contains no text"),
+        "empty text file": (
+            ["--model", "demo:minilm", "--calib", f"text:{ckpt / 'empty.txt'}"],
+            "contains no text",
+        ),
         "data does not fit": (["--calib", "text"], "does not fit image model"),
         "unknown data": (["--calib", "mnist"], "unknown data spec"),
     }
@@ -92,7 +120,16 @@ def test_existing_output_folder(tmp_path, capsys):
 
 def test_module_entry_point_exit_code(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "edgecompress", "compress", "--recipe", "nope_nope", "--out", str(tmp_path / "o")],
+        [
+            sys.executable,
+            "-m",
+            "edgecompress",
+            "compress",
+            "--recipe",
+            "nope_nope",
+            "--out",
+            str(tmp_path / "o"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -116,7 +153,13 @@ def test_compress_eval_inspect_on_tiny_model(tmp_path, tiny_ckpt, capsys):
     out = tmp_path / "run"
     args = ["--model", TINY_VIT, "--checkpoint", str(tiny_ckpt / "good.safetensors")]
     assert main(["compress", *args, "--out", str(out), "--set", "calibration.samples=8"]) == 0
-    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "structure.json", "recipe.yaml", "report.json", "report.md"}
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors",
+        "structure.json",
+        "recipe.yaml",
+        "report.json",
+        "report.md",
+    }
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "blocks.0.attn.qkv" in capsys.readouterr().out

@@ -51,7 +51,9 @@ def test_timm_w8a8_compress_and_reload(arch, tmp_path):
     quantizers = [m for m in model.modules() if isinstance(m, UniformQuantizer)]
     roles = {q.role for q in quantizers}
     assert {"weight", "linear_in", "attn_q", "attn_k", "attn_probs", "attn_v"} <= roles
-    assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith(("qkv", "fc1", "fc2")))
+    assert all(
+        isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith(("qkv", "fc1", "fc2"))
+    )
     assert records[0]["layers"] and all("name" in r for r in records[0]["layers"])
 
 
@@ -90,7 +92,9 @@ def test_lower_bits_lose_more(tmp_path):
     sq = {}
     for bits in (8, 4):
         loaded = tiny_timm("vit_tiny_patch16_224")
-        ref, out, *_ = _compress_and_reload(loaded, batches, tmp_path / str(bits), UniformPTQ(w_bits=bits, a_bits=bits))
+        ref, out, *_ = _compress_and_reload(
+            loaded, batches, tmp_path / str(bits), UniformPTQ(w_bits=bits, a_bits=bits)
+        )
         sq[bits] = _sqnr(ref, out)
     assert sq[8] > sq[4] + 10  # ~6 dB per bit
 

@@ -39,7 +39,11 @@ def test_every_shipped_recipe_parses_and_roundtrips(path: Path):
 
 def test_non_default_values_survive_roundtrip():
     r = recipe_from_dict(
-        {"passes": [{"pass": "uniform_ptq", "w_bits": 4, "a_bits": 6, "observer": "mse", "ignore": ["re:head"]}]}
+        {
+            "passes": [
+                {"pass": "uniform_ptq", "w_bits": 4, "a_bits": 6, "observer": "mse", "ignore": ["re:head"]}
+            ]
+        }
     )
     back = _roundtrip(r)
     assert back.passes[0].w_bits == 4 and back.passes[0].a_bits == 6
@@ -49,15 +53,27 @@ def test_non_default_values_survive_roundtrip():
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"passes": [{"pass": "uniform_ptqq"}]}, "passes[0].pass: unknown pass 'uniform_ptqq' (did you mean 'uniform_ptq'?)"),
-        ({"passes": [{"pass": "uniform_ptq", "wbits": 4}]}, "passes[0].wbits: unknown field of pass 'uniform_ptq' (did you mean 'w_bits'?)"),
-        ({"passes": [{"pass": "uniform_ptq", "w_bits": "four"}]}, "passes[0].w_bits: expected int, got 'four'"),
+        (
+            {"passes": [{"pass": "uniform_ptqq"}]},
+            "passes[0].pass: unknown pass 'uniform_ptqq' (did you mean 'uniform_ptq'?)",
+        ),
+        (
+            {"passes": [{"pass": "uniform_ptq", "wbits": 4}]},
+            "passes[0].wbits: unknown field of pass 'uniform_ptq' (did you mean 'w_bits'?)",
+        ),
+        (
+            {"passes": [{"pass": "uniform_ptq", "w_bits": "four"}]},
+            "passes[0].w_bits: expected int, got 'four'",
+        ),
         ({"passes": [{"pass": "uniform_ptq", "w_bits": True}]}, "passes[0].w_bits: expected int, got True"),
         ({"passes": [{"pass": "uniform_ptq", "observer": "max"}]}, "passes[0].observer: 'max' is not one of"),
         ({"passes": [{"pass": "uniform_ptq", "w_bits": 12}]}, "passes[0]: w_bits must be in [2, 8], got 12"),
         ({"passes": []}, "passes: a recipe needs a non-empty list of passes"),
         ({"pases": []}, "pases: unknown recipe key (did you mean 'passes'?)"),
-        ({"passes": [{"pass": "uniform_ptq"}], "calibration": {"sample": 3}}, "calibration.sample: unknown field (did you mean 'samples'?)"),
+        (
+            {"passes": [{"pass": "uniform_ptq"}], "calibration": {"sample": 3}},
+            "calibration.sample: unknown field (did you mean 'samples'?)",
+        ),
         (["not", "a", "mapping"], "recipe: the top level must be a mapping"),
     ],
 )

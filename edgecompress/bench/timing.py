@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 
 
-def time_callable(fn: Callable[[], object], min_seconds: float = 1.0, min_iters: int = 20, warmup_s: float = 0.3) -> dict:
+def time_callable(
+    fn: Callable[[], object], min_seconds: float = 1.0, min_iters: int = 20, warmup_s: float = 0.3
+) -> dict:
     """Median/p90/mean/min in milliseconds and the coefficient of variation of ``fn()``.
 
     Runs ``fn`` for ``warmup_s`` seconds untimed, then until both ``min_seconds`` have passed and

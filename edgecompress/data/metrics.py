@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from edgecompress.data.specs import Batches
 from edgecompress.models.loading import LoadedModel
@@ -17,7 +18,7 @@ def outputs(loaded: LoadedModel, model: nn.Module, data: Batches) -> list[torch.
     """The model's main output per batch (logits, or pooled normalized embeddings for encoders)."""
     model.eval()
     outs = []
-    for b in data.batches:
+    for b in tqdm(data.batches, desc="evaluate", unit="batch", leave=False, disable=None):
         y = loaded.call(model, b).float()
         if loaded.kind == "encoder":
             mask = b["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
@@ -48,7 +49,9 @@ def evaluate(
         if data.labels is not None:
             metrics["top1"] = round(float((pred == data.labels).float().mean()) * 100, 2)
         if reference is not None:
-            metrics["top1_agreement"] = round(float((pred == torch.cat(reference).argmax(-1)).float().mean()) * 100, 2)
+            metrics["top1_agreement"] = round(
+                float((pred == torch.cat(reference).argmax(-1)).float().mean()) * 100, 2
+            )
     elif loaded.kind == "encoder" and reference is not None:
         ref = torch.cat(reference)
         cos = (cat * ref).sum(-1)

@@ -38,7 +38,13 @@ def _images(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size
         raw, labels = digits_split(split)
         x = fit_images(raw, tuple(cfg["input_size"]), cfg["mean"], cfg["std"])
     else:
-        x, labels, _ = imagefolder(spec[len("imagefolder:") :], tuple(cfg["input_size"]), cfg["mean"], cfg["std"], cfg.get("crop_pct", 0.875))
+        x, labels, _ = imagefolder(
+            spec[len("imagefolder:") :],
+            tuple(cfg["input_size"]),
+            cfg["mean"],
+            cfg["std"],
+            cfg.get("crop_pct", 0.875),
+        )
     if samples:
         x, labels = x[:samples], labels[:samples]
     return Batches(_chunks(x, batch_size), labels, spec, len(x))
@@ -64,7 +70,9 @@ def _text(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: 
     return Batches(batches, None, spec, len(texts))
 
 
-def load_data(spec: str | None, loaded: LoadedModel, split: str, samples: int = 0, batch_size: int = 32) -> Batches:
+def load_data(
+    spec: str | None, loaded: LoadedModel, split: str, samples: int = 0, batch_size: int = 32
+) -> Batches:
     """Load ``spec`` (default: digits for image models, built-in text otherwise) for ``loaded``."""
     spec = spec or default_data(loaded)
     is_image_spec = spec == "digits" or spec.startswith("imagefolder:")
@@ -72,7 +80,11 @@ def load_data(spec: str | None, loaded: LoadedModel, split: str, samples: int = 
     if not (is_image_spec or is_text_spec):
         raise UserError(f"unknown data spec {spec!r}: use digits, imagefolder:PATH, text or text:FILE")
     if is_image_spec != (loaded.kind == "image"):
-        want = "image data (digits, imagefolder:PATH)" if loaded.kind == "image" else "text data (text, text:FILE)"
+        want = (
+            "image data (digits, imagefolder:PATH)"
+            if loaded.kind == "image"
+            else "text data (text, text:FILE)"
+        )
         raise UserError(f"data {spec!r} does not fit {loaded.kind} model {loaded.spec}: it needs {want}")
     if samples < 0 or batch_size <= 0:
         raise UserError("samples must be ≥ 0 and batch_size > 0")

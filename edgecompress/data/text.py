@@ -39,7 +39,9 @@ def builtin_texts() -> list[str]:
         objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
         for obj in objs:
             doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and (inspect.ismodule(obj) or getattr(obj, "__module__", None) == mod.__name__):
+            if isinstance(doc, str) and (
+                inspect.ismodule(obj) or getattr(obj, "__module__", None) == mod.__name__
+            ):
                 for p in _paragraphs(doc):
                     if p not in seen:
                         seen.add(p)

@@ -92,7 +92,9 @@ def train_vit_digits(out: Path, epochs: int = 300, seed: int = 0, batch: int = 6
     model = build_vit_digits(drop_path_rate=0.1)
     xtr, ytr = digits_split("train")
     xte, yte = digits_split("test")
-    norm = dict(input_size=VIT_DIGITS_DATA["input_size"], mean=VIT_DIGITS_DATA["mean"], std=VIT_DIGITS_DATA["std"])
+    norm = dict(
+        input_size=VIT_DIGITS_DATA["input_size"], mean=VIT_DIGITS_DATA["mean"], std=VIT_DIGITS_DATA["std"]
+    )
     steps_per_epoch = math.ceil(len(xtr) / batch)
     total, warm = epochs * steps_per_epoch, 5 * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -116,6 +118,11 @@ def train_vit_digits(out: Path, epochs: int = 300, seed: int = 0, batch: int = 6
         acc = (model(fit_images(xte, **norm)).argmax(-1) == yte).float().mean().item()
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    meta = {"test_top1": f"{acc:.4f}", "epochs": str(epochs), "seed": str(seed), "train_seconds": f"{time.time() - t0:.0f}"}
+    meta = {
+        "test_top1": f"{acc:.4f}",
+        "epochs": str(epochs),
+        "seed": str(seed),
+        "train_seconds": f"{time.time() - t0:.0f}",
+    }
     save_file(state, str(out), metadata=meta)
     return acc

@@ -70,7 +70,11 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     shaped = [k for k in state if k in own and state[k].shape != own[k].shape and "quant" not in k]
     if missing or extra or shaped:
         what = (
-            f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}" if extra else f"shape of {shaped[0]!r}"
+            f"missing {missing[0]!r}"
+            if missing
+            else f"unexpected {extra[0]!r}"
+            if extra
+            else f"shape of {shaped[0]!r}"
         )
         n = len(missing) + len(extra) + len(shaped)
         raise UserError(f"{source} does not fit the model: {what} ({n} mismatched tensors)")
@@ -137,7 +141,9 @@ def _hf_kind(config) -> str:
 def _hf_auto(kind: str):
     import transformers as tf
 
-    return {"causal_lm": tf.AutoModelForCausalLM, "image": tf.AutoModelForImageClassification}.get(kind, tf.AutoModel)
+    return {"causal_lm": tf.AutoModelForCausalLM, "image": tf.AutoModelForImageClassification}.get(
+        kind, tf.AutoModel
+    )
 
 
 def _hf_image_cfg(folder: Path, config) -> dict:
@@ -168,7 +174,11 @@ def _hf(spec: str, folder: Path, random_init: bool = False) -> LoadedModel:
         model = auto.from_config(config)
     elif not weights:
         has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
-        why = "only pickle weights (*.bin), which edgecompress refuses to load" if has_pickle else "no *.safetensors"
+        why = (
+            "only pickle weights (*.bin), which edgecompress refuses to load"
+            if has_pickle
+            else "no *.safetensors"
+        )
         raise UserError(f"{spec}: {folder} has {why}")
     else:
         for w in weights:
@@ -188,7 +198,9 @@ def _demo(spec: str) -> LoadedModel:
 
     name = spec[len("demo:") :]
     if name == "vit-digits":
-        return LoadedModel(demo.load_vit_digits(), spec, "image", {"kind": "demo", "name": name}, dict(demo.VIT_DIGITS_DATA))
+        return LoadedModel(
+            demo.load_vit_digits(), spec, "image", {"kind": "demo", "name": name}, dict(demo.VIT_DIGITS_DATA)
+        )
     if name == "minilm":
         return _hf(spec, demo.minilm_dir())  # rebuilt like any hf model: from its saved config
     raise UserError(f"unknown demo model {spec!r} (choose demo:vit-digits or demo:minilm)")
@@ -207,8 +219,15 @@ def load_model(spec: str, checkpoint: str | None = None, random_init: bool = Fal
     elif Path(spec).is_dir() and (Path(spec) / "structure.json").is_file():
         return load_structure_dir(Path(spec))
     else:
-        raise UserError(f"unknown model spec {spec!r}: use timm:<arch>, hf:<dir>, demo:<name> or a compressed folder")
-    structure_of(loaded.model)["base"] = {**loaded.base, "spec": spec, "model_kind": loaded.kind, "data_cfg": loaded.data_cfg}
+        raise UserError(
+            f"unknown model spec {spec!r}: use timm:<arch>, hf:<dir>, demo:<name> or a compressed folder"
+        )
+    structure_of(loaded.model)["base"] = {
+        **loaded.base,
+        "spec": spec,
+        "model_kind": loaded.kind,
+        "data_cfg": loaded.data_cfg,
+    }
     if loaded.tokenizer_dir:
         structure_of(loaded.model)["base"]["tokenizer_dir"] = loaded.tokenizer_dir
     return loaded
@@ -256,7 +275,9 @@ def load_structure_dir(folder: Path) -> LoadedModel:
         st_load_model(model, str(weights), strict=True)
     except RuntimeError as e:
         raise UserError(f"{weights} does not fit the rebuilt model ({str(e).splitlines()[0]})") from None
-    loaded = LoadedModel(model.eval(), str(folder), base["model_kind"], base, dict(base.get("data_cfg") or {}))
+    loaded = LoadedModel(
+        model.eval(), str(folder), base["model_kind"], base, dict(base.get("data_cfg") or {})
+    )
     loaded.tokenizer_dir = base.get("tokenizer_dir")
     return loaded
 

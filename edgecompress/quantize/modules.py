@@ -57,7 +57,12 @@ class UniformQuantizer(ResizableBuffers):
         return fake_quant_uniform(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.bits)
 
     def swap_config(self) -> dict:
-        return {"bits": self.bits, "symmetric": self.symmetric, "granularity": self.granularity, "role": self.role}
+        return {
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "granularity": self.granularity,
+            "role": self.role,
+        }
 
     @classmethod
     def from_swap(cls, original, config: dict) -> UniformQuantizer:
@@ -71,7 +76,9 @@ class UniformQuantizer(ResizableBuffers):
             "bits": self.bits,
             "symmetric": self.symmetric,
             "granularity": self.granularity,
-            "scale": float(s[0]) if s.numel() == 1 else {"min": float(s.min()), "max": float(s.max()), "n": s.numel()},
+            "scale": float(s[0])
+            if s.numel() == 1
+            else {"min": float(s.min()), "max": float(s.max()), "n": s.numel()},
         }
         return {**row, **self.stats}
 
@@ -104,7 +111,11 @@ class QuantLinear(nn.Module):
             return self.w_quant(self.weight)
 
     def swap_config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def from_swap(cls, original, config: dict) -> QuantLinear:

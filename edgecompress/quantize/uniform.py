@@ -22,7 +22,9 @@ def levels(bits: int) -> int:
     return 2**bits
 
 
-def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_uniform(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Integer codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` (float dtype)."""
     return torch.clamp(torch.round(x / scale) + zero_point, 0, levels(bits) - 1)
 
@@ -32,7 +34,9 @@ def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return (codes - zero_point) * scale
 
 
-def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_uniform(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
     """``dequantize(quantize(x))`` with a straight-through estimator for the rounding."""
     xq = dequantize_uniform(quantize_uniform(x, scale, zero_point, bits), scale, zero_point)
     return x + (xq - x).detach()

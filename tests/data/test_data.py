@@ -40,7 +40,9 @@ def test_imagefolder_reads_classes_in_order(tmp_path):
     for cls, n in (("cat", 2), ("dog", 3)):
         (tmp_path / cls).mkdir()
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
     (tmp_path / "dog" / "notes.txt").write_text("ignored")
     x, y, classes = imagefolder(str(tmp_path), (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
     assert classes == ["cat", "dog"] and y.tolist() == [0, 0, 1, 1, 1] and x.shape == (5, 3, 16, 16)

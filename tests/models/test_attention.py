@@ -15,7 +15,9 @@ TOL = 1e-5
 
 def _count_point_calls(model):
     calls = {"n": 0}
-    hooks = [m.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1)) for _, m in points(model)]
+    hooks = [
+        m.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1)) for _, m in points(model)
+    ]
     return calls, hooks
 
 
@@ -63,11 +65,15 @@ def test_hf_vit_explicit_attention_matches(tiny_hf_vit_dir):
     a, b = _hf_pair(tiny_hf_vit_dir)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(b.model(pixel_values=x).logits, a.model(pixel_values=x).logits, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(
+            b.model(pixel_values=x).logits, a.model(pixel_values=x).logits, atol=TOL, rtol=TOL
+        )
 
 
 def test_hf_llama_gqa_causal_matches(tiny_llama_dir):
     a, b = _hf_pair(tiny_llama_dir)
     ids = torch.randint(0, 30522, (2, 11))
     with torch.no_grad():
-        torch.testing.assert_close(b.model(input_ids=ids).logits, a.model(input_ids=ids).logits, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(
+            b.model(input_ids=ids).logits, a.model(input_ids=ids).logits, atol=TOL, rtol=TOL
+        )

@@ -11,7 +11,9 @@ from edgecompress.models.targeting import replace_module, select_modules, struct
 
 
 def _net():
-    return nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), nn.Linear(8, 2))
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.GELU(), nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), nn.Linear(8, 2)
+    )
 
 
 def test_select_by_class_name_regex_and_ignore():
@@ -32,6 +34,8 @@ def test_replace_module_records_the_swap():
     m = _net()
     replace_module(m, "1", QuantPoint("linear_in"))
     assert isinstance(m[1], QuantPoint)
-    assert structure_of(m)["ops"] == [{"op": "swap", "name": "1", "cls": "QuantPoint", "config": {"role": "linear_in"}}]
+    assert structure_of(m)["ops"] == [
+        {"op": "swap", "name": "1", "cls": "QuantPoint", "config": {"role": "linear_in"}}
+    ]
     with pytest.raises(TypeError, match="not a registered swap class"):
         replace_module(m, "0", nn.Linear(4, 8))
