@@ -1,0 +1,27 @@
+"""Every shipped recipe runs end to end on a small model (oracle: the float model; floor stated below)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgecompress.cli import main
+from edgecompress.recipe import RECIPES_DIR
+from tests.test_cli import TINY_VIT
+
+# Any recipe, even at 3-4 bits, must keep a tiny random ViT's predictions above chance agreement
+# with its float self on the digits test images (10 classes → 10% by chance).
+MIN_TOP1_AGREEMENT = 20.0
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipe_runs_on_tiny_vit(path, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", TINY_VIT + "&pretrained=false", "--recipe", str(path), "--out", str(out)]
+    args += ["--set", "calibration.samples=8", "--set", "eval.samples=64"]
+    assert main(["compress", *args]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["compressed"]["top1_agreement"] >= MIN_TOP1_AGREEMENT
+    assert report["size_bytes"]["compressed"] < report["size_bytes"]["baseline"]
+    assert (out / "model.safetensors").stat().st_size > 0
