@@ -1,0 +1,73 @@
+"""Swap the searched quantizers into the model (every swap through ``replace_module``, so
+``restore()`` rebuilds them) and fold AdaLog's post-GELU shift into the Linear's bias."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgecompress.models.targeting import replace_module
+from edgecompress.quantize.log_modules import AdaLogQuantizer, LogQuantizer, TanQuantizer
+from edgecompress.quantize.modules import UniformQuantizer, sqnr_db
+from edgecompress.quantize.reparam import fold_shift_into_bias_
+from edgecompress.quantize.vit_ptq_objectives import LinearParams, MatmulParams
+
+
+def _uniform(
+    bits: int, granularity: str, role: str, scale: torch.Tensor, zp: torch.Tensor, shape
+) -> UniformQuantizer:
+    q = UniformQuantizer(bits, False, granularity, role)
+    return q.set_params(scale.reshape(shape), zp.reshape(shape))
+
+
+def install_linear(
+    model: nn.Module, names: tuple[str, ...], p: LinearParams, w_bits: int, a_bits: int, info: dict
+) -> None:
+    """Weight quantizers (rows of the concatenated search split back per Linear) and one input
+    quantizer per Linear with the shared parameters; the AdaLog shift goes into each bias."""
+    start = 0
+    for name in names:
+        lin = model.get_submodule(name)
+        rows = slice(start, start + lin.out_features)
+        start += lin.out_features
+        w = lin.weight.detach()
+        wq = _uniform(w_bits, "channel", "weight", p.w_scale[rows], p.w_zp[rows], (-1, 1))
+        wq.stats = {"sqnr_db": round(sqnr_db(w, wq(w)), 2)}
+        replace_module(model, f"{name}.w_quant", wq)
+        if "q" in p.act:
+            aq = AdaLogQuantizer(a_bits, "linear_in", shift=p.act["shift"], fold_shift=lin.bias is not None)
+            aq.set_params(p.act["scale"], p.act["q"])
+            if lin.bias is not None:
+                fold_shift_into_bias_(lin, p.act["shift"], weight=wq(w))
+        else:
+            aq = _uniform(a_bits, "tensor", "linear_in", p.act["scale"], p.act["zero_point"], ())
+        aq.stats = dict(info)
+        replace_module(model, f"{name}.in_quant", aq)
+
+
+def _probs_quantizer(kind: str, bits: int, params: dict) -> nn.Module:
+    if kind == "adalog":
+        return AdaLogQuantizer(bits, "attn_probs").set_params(torch.tensor(1.0), params["param"])
+    if kind == "tanq":
+        return TanQuantizer(bits, "attn_probs").set_params(torch.tensor(1.0), params["param"])
+    if kind in ("log2", "logsqrt2"):
+        return LogQuantizer(bits, kind, "attn_probs").set_params(params["param"])
+    return _uniform(bits, "tensor", "attn_probs", params["scale"], params["zero_point"], ())
+
+
+def install_attention(
+    model: nn.Module, name: str, qk: MatmulParams, av: MatmulParams, kind: str, bits: int
+) -> None:
+    """Per-head uniform Q, K, V and the softmax quantizer of one AttentionMatmuls."""
+    head = (1, -1, 1, 1)
+    qk_db = round(10 * float(torch.log10(torch.tensor(qk.ref_power / max(qk.mse, 1e-30)))), 2)
+    av_db = round(10 * float(torch.log10(torch.tensor(av.ref_power / max(av.mse, 1e-30)))), 2)
+    mods = {
+        "q_point": (_uniform(bits, "head", "attn_q", qk.left["scale"], qk.left["zero_point"], head), qk_db),
+        "k_point": (_uniform(bits, "head", "attn_k", qk.right["scale"], qk.right["zero_point"], head), qk_db),
+        "v_point": (_uniform(bits, "head", "attn_v", av.right["scale"], av.right["zero_point"], head), av_db),
+        "probs_point": (_probs_quantizer(kind, bits, av.left), av_db),
+    }
+    for point, (mod, db) in mods.items():
+        mod.stats = {"layer_sqnr_db": db, "matmul": "q@k^T" if point in ("q_point", "k_point") else "A@V"}
+        replace_module(model, f"{name}.{point}", mod)
