@@ -1,4 +1,4 @@
-"""Command line: ``edgecompress compress | eval | inspect | passes | train-demo``.
+"""Command line: ``edgecompress compress | eval | inspect | passes | train-demo | export | bench``.
 
 Thin: parse, call the library, print. Every user error is one line on stderr and exit code 2.
 """
@@ -62,7 +62,57 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/vit_digits.safetensors")
     t.add_argument("--epochs", type=int, default=300)
     t.add_argument("--seed", type=int, default=0)
+    _export_parser(sub)
+    _bench_parser(sub)
     return ap
+
+
+def _export_parser(sub) -> None:
+    x = sub.add_parser(
+        "export", help="export a model or compressed folder to a verified ONNX file (or TensorRT engine)"
+    )
+    x.add_argument(
+        "model", metavar="SPEC_OR_DIR", help="timm:<arch>, hf:<dir>, demo:<name> or a compressed folder"
+    )
+    x.add_argument("--format", default="onnx", help="onnx (default) or tensorrt")
+    x.add_argument("--out", help="ONNX file (default: DIR/model.onnx for a folder, else runs/<model>.onnx)")
+    x.add_argument(
+        "--opset", type=int, default=20, help="ONNX opset (default %(default)s; 17 for TensorRT 8.6)"
+    )
+    x.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="dynamic batch axis (text models: sequence is always dynamic)",
+    )
+    x.add_argument(
+        "--batch", type=int, default=1, help="static batch size of the graph (default %(default)s)"
+    )
+    x.add_argument(
+        "--samples",
+        type=int,
+        default=64,
+        help="samples of eval data for the verification (default %(default)s)",
+    )
+    x.add_argument("--data", help="verification data (default: digits / built-in text)")
+    x.add_argument("--checkpoint", help="weights for a timm: model (.safetensors only)")
+
+
+def _bench_parser(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="latency of a model, compressed folder or .onnx file (median, p90, p99, CV)"
+    )
+    b.add_argument(
+        "model", metavar="MODEL_OR_FILE", help="model spec, compressed folder, .onnx or .engine file"
+    )
+    b.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--seq", type=int, default=128, help="tokens per text sample (default %(default)s)")
+    b.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = the runtime's default)")
+    b.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
+    b.add_argument("--vs", metavar="OTHER", help="time OTHER alternately with MODEL and print the speed-up")
+    b.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds (default %(default)s)")
+    b.add_argument("--iterations", type=int, default=100, help="minimum timed runs (default %(default)s)")
+    b.add_argument("--json", metavar="OUT", help="write the full result (stats, environment) as JSON")
 
 
 def _load(args):
@@ -195,12 +245,52 @@ def cmd_train_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from edgecompress.export.deploy import export_verified, summary_line
+    from edgecompress.models.loading import load_model
+
+    folder = Path(args.model)
+    default = folder / "model.onnx" if folder.is_dir() else Path(f"runs/{_slug(args.model)}.onnx")
+    out = Path(args.out) if args.out else default
+    if out.exists():
+        raise UserError(f"{out} already exists (choose another --out)")
+    loaded = load_model(args.model, checkpoint=args.checkpoint)
+    record = export_verified(
+        loaded, out, args.format, args.opset, args.dynamic_batch, args.batch, args.samples, args.data
+    )
+    print(summary_line(record))
+    engine = f"; engine: {record['engine']['engine']} (unverified build)" if "engine" in record else ""
+    print(f"verification: {record['json']}{engine}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from edgecompress.bench.run import bench, format_lines
+
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device!r}: choose cpu or cuda")
+    timing = {"min_seconds": args.seconds, "min_iters": args.iterations}
+    result = bench(
+        args.model, args.backend, args.batch, args.seq, args.threads or None, args.device, args.vs, timing
+    )
+    for line in format_lines(result):
+        print(line)
+    for w in result["warnings"]:
+        print(f"edgecompress: warning: {w}", file=sys.stderr)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
 COMMANDS = {
     "compress": cmd_compress,
     "eval": cmd_eval,
     "inspect": cmd_inspect,
     "passes": cmd_passes,
     "train-demo": cmd_train_demo,
+    "export": cmd_export,
+    "bench": cmd_bench,
 }
 
 

@@ -6,7 +6,7 @@ import copy
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,6 +94,7 @@ def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str = "cpu"
     comp_metrics, _ = evaluate(loaded, model, eval_data, reference=base_out)
     batch0 = _latency_batch(eval_data.batches[0])
     base_lat, comp_lat = _latency(loaded, baseline_model, batch0), _latency(loaded, model, batch0)
+    baseline = replace(loaded, model=baseline_model) if recipe.bench is not None else None
     del baseline_model
     report = {
         "model": loaded.spec,
@@ -111,10 +112,27 @@ def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str = "cpu"
         "environment": environment(),
     }
     files = {"recipe.yaml": dump_recipe(recipe), "report.json": report, "report.md": report_markdown(report)}
-    out = save(model, out, files)
+    extra = None
+    if recipe.export is not None or recipe.bench is not None:
+        extra = _deploy_files(replace(loaded, model=model), baseline, recipe, report, Path(out))
+    out = save(model, out, files, extra)
     _copy_tokenizer(loaded, out)
     loaded.model = model
     return JobResult(out, report)
+
+
+def _deploy_files(
+    compressed: LoadedModel, baseline: LoadedModel | None, recipe: Recipe, report: dict, out: Path
+):
+    """``save``'s ``extra`` callback: export/verify/bench into the temporary folder, then the report."""
+
+    def extra(tmp: Path) -> dict:
+        from edgecompress.export.deploy import deploy_stage
+
+        report["deploy"] = deploy_stage(compressed, baseline, recipe.export, recipe.bench, tmp, out)
+        return {"report.json": report, "report.md": report_markdown(report)}
+
+    return extra
 
 
 def _copy_tokenizer(loaded: LoadedModel, out: Path) -> None:
@@ -145,6 +163,25 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
             str(lat["compressed"]["median_ms"]),
         )
     )
+    return rows + _deploy_rows(report.get("deploy") or {})
+
+
+def _deploy_rows(deploy: dict) -> list[tuple[str, str, str]]:
+    """Rows for the ``export:`` / ``bench:`` recipe sections (absent when they did not run)."""
+    rows = []
+    if "bench" in deploy:
+        b = deploy["bench"]
+        med = {r["target"]: r["latency"]["median_ms"] for r in b["results"]}
+        what = f"latency {b['backend']} b{b['batch']} (ms, median)"
+        rows.append((what, str(med["baseline"]), f"{med['compressed']} ({b['speedup']:.2f}x faster)"))
+    if "export" in deploy:
+        v = deploy["export"]["verification"]
+        fid = (
+            f"top-1 agree {v['top1_agreement']}%"
+            if "top1_agreement" in v
+            else f"cosine min {v['cosine_min']}"
+        )
+        rows.append(("ONNX export (verified vs PyTorch)", "—", f"{deploy['export']['file']}: {fid}"))
     return rows
 
 

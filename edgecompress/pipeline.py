@@ -103,11 +103,18 @@ def layer_report(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def save(model: nn.Module, out_dir: str | Path, files: dict[str, str | dict]) -> Path:
+def save(
+    model: nn.Module,
+    out_dir: str | Path,
+    files: dict[str, str | dict],
+    extra: Callable[[Path], dict[str, str | dict]] | None = None,
+) -> Path:
     """Write ``model.safetensors``, ``structure.json`` and ``files`` to ``out_dir`` atomically.
 
     Everything is written to a temporary sibling folder that is renamed at the end, so an error
-    never leaves a half-written output folder.
+    never leaves a half-written output folder. ``extra(tmp_dir)`` runs after the model is saved
+    and before ``files`` are written: it may write more files into ``tmp_dir`` (e.g. the exported
+    ONNX model) and returns entries that update ``files``.
     """
     from safetensors.torch import save_model
 
@@ -122,6 +129,8 @@ def save(model: nn.Module, out_dir: str | Path, files: dict[str, str | dict]) ->
         save_model(model, str(tmp / "model.safetensors"))
         structure = {"format": STRUCTURE_FORMAT, **structure_of(model)}
         (tmp / "structure.json").write_text(json.dumps(structure, indent=1))
+        if extra is not None:
+            files = {**files, **extra(tmp)}
         for fname, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=1, default=str)
             (tmp / fname).write_text(text)

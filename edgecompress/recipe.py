@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,12 +24,37 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SECTIONS = {
     "calibration": {"data": str, "samples": int, "batch_size": int, "seed": int},
     "eval": {"data": str, "samples": int, "batch_size": int},
-}
+    "export": {
+        "format": Literal["onnx", "tensorrt"], "opset": int, "batch": int, "dynamic_batch": bool,
+        "samples": int, "data": str,
+    },
+    "bench": {
+        "backend": Literal["torch", "onnxruntime", "tensorrt"], "batch": int, "seq": int, "threads": int,
+        "seconds": float, "iterations": int,
+    },
+}  # fmt: skip
 SECTION_DEFAULTS = {
     "calibration": {"data": None, "samples": 32, "batch_size": 32, "seed": 0},
     "eval": {"data": None, "samples": 0, "batch_size": 64},
+    "export": {
+        "format": "onnx",
+        "opset": 20,
+        "batch": 1,
+        "dynamic_batch": False,
+        "samples": 64,
+        "data": None,
+    },
+    "bench": {
+        "backend": "onnxruntime",
+        "batch": 8,
+        "seq": 128,
+        "threads": 0,
+        "seconds": 3.0,
+        "iterations": 100,
+    },
 }
-TOP_LEVEL = ("model", "calibration", "eval", "passes")
+OPTIONAL_SECTIONS = ("export", "bench")  # absent = that stage does not run
+TOP_LEVEL = ("model", "calibration", "eval", "passes", *OPTIONAL_SECTIONS)
 
 
 @dataclass
@@ -38,6 +63,8 @@ class Recipe:
     model: str | None = None
     calibration: dict = field(default_factory=lambda: dict(SECTION_DEFAULTS["calibration"]))
     eval: dict = field(default_factory=lambda: dict(SECTION_DEFAULTS["eval"]))
+    export: dict | None = None  # after compress: verified ONNX (or TensorRT engine) in the output folder
+    bench: dict | None = None  # after compress: latency of baseline vs compressed on one backend
 
 
 def _suggest(name: str, valid) -> str:
@@ -131,6 +158,7 @@ def recipe_from_dict(data: Any) -> Recipe:
         model=model,
         calibration=_parse_section("calibration", data.get("calibration")),
         eval=_parse_section("eval", data.get("eval")),
+        **{k: _parse_section(k, data[k]) for k in OPTIONAL_SECTIONS if data.get(k) is not None},
     )
 
 
@@ -202,12 +230,16 @@ def _step(node: Any, part: str, path: str, create: bool) -> Any:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    return {
+    out = {
         "model": recipe.model,
         "calibration": dict(recipe.calibration),
         "eval": dict(recipe.eval),
         "passes": [{"pass": p.name, **_plain(dataclasses.asdict(p))} for p in recipe.passes],
     }
+    for key in OPTIONAL_SECTIONS:
+        if getattr(recipe, key) is not None:
+            out[key] = dict(getattr(recipe, key))
+    return out
 
 
 def _plain(value: Any) -> Any:

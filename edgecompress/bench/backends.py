@@ -1,0 +1,151 @@
+"""Benchmark backends: one prepared, zero-argument callable per (model, backend, shape).
+
+* ``torch``: the PyTorch model (eager, ``inference_mode``) on CPU or CUDA;
+* ``onnxruntime``: an ONNX file in an ORT CPU session (the session settings of
+  :mod:`edgecompress.export.runtime`);
+* ``tensorrt``: a serialized engine run with ``execute_async_v3`` on torch-allocated CUDA buffers.
+  UNVERIFIED: TensorRT was not available where this was written.
+
+Inputs are seeded synthetic tensors of the model's form (:func:`edgecompress.export.inputs.synthetic`)
+— latency does not depend on the values for these models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgecompress.errors import UserError
+from edgecompress.export.inputs import as_batch, synthetic
+from edgecompress.models.loading import LoadedModel
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+SYNTH_ID_RANGE = (100, 1000)
+
+
+@dataclass
+class Runner:
+    """What one timed call runs, and how to describe it next to the numbers."""
+
+    call: Callable[[], object]
+    info: dict = field(default_factory=dict)
+    cuda: bool = False
+    output: Callable[[], np.ndarray] | None = None  # one run's main output, for sanity checks
+
+
+def torch_runner(
+    loaded: LoadedModel, batch: int, seq: int, threads: int | None, device: str = "cpu"
+) -> Runner:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    if threads:
+        torch.set_num_threads(threads)
+    model = loaded.model.to(device).eval()
+    inputs = as_batch(loaded, tuple(t.to(device) for t in synthetic(loaded, batch, seq)))
+
+    def call():
+        with torch.inference_mode():
+            return loaded.call(model, inputs)
+
+    info = {
+        "backend": "torch",
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return Runner(call, info, cuda=device == "cuda", output=lambda: call().float().cpu().numpy())
+
+
+def feeds_for(sess, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthetic inputs for an ORT session: dynamic axis 0 = batch, axis 1 of integer inputs = seq."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in sess.get_inputs():
+        is_int = "int" in inp.type
+        shape = []
+        for axis, d in enumerate(inp.shape):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif axis == 0:
+                shape.append(batch)
+            elif axis == 1 and is_int:
+                shape.append(seq)
+            else:
+                raise UserError(f"input {inp.name!r} has a dynamic axis {axis} that bench cannot size")
+        if not is_int:
+            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+        elif "mask" in inp.name:
+            feeds[inp.name] = np.ones(shape, np.int64)
+        elif "type" in inp.name:
+            feeds[inp.name] = np.zeros(shape, np.int64)
+        else:
+            feeds[inp.name] = rng.integers(*SYNTH_ID_RANGE, size=shape).astype(np.int64)
+    return feeds
+
+
+def ort_runner(
+    path: str | Path, batch: int, seq: int, threads: int | None, ort_defaults: bool = False
+) -> Runner:
+    from edgecompress.export.runtime import onnxruntime, ort_session, session_config
+
+    sess = ort_session(path, threads, ort_defaults=ort_defaults, spinning=False)
+    feeds = feeds_for(sess, batch, seq)
+    info = {
+        "backend": "onnxruntime",
+        "onnx": str(path),
+        "onnxruntime": onnxruntime().__version__,
+        "session": session_config(path, threads, ort_defaults, spinning=False),
+    }
+    info["_feeds"] = feeds  # private: the sanity check feeds the same inputs to PyTorch
+    return Runner(lambda: sess.run(None, feeds), info, output=lambda: np.asarray(sess.run(None, feeds)[0]))
+
+
+_TRT_DTYPES = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+def trt_runner(engine_path: str | Path, batch: int, seq: int) -> Runner:
+    """UNVERIFIED (no TensorRT here): deserialize, size dynamic inputs, run on one CUDA stream."""
+    from edgecompress.export.tensorrt import require_tensorrt
+
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise UserError(f"{engine_path} is not a TensorRT engine for this TensorRT/GPU")
+    ctx = engine.create_execution_context()
+    buffers = {}  # keeps the device tensors alive while the engine holds their addresses
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            shape = [
+                batch if a == 0 and d < 0 else seq if d < 0 else d
+                for a, d in enumerate(engine.get_tensor_shape(name))
+            ]
+            ctx.set_input_shape(name, shape)
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = _TRT_DTYPES[engine.get_tensor_dtype(name).name]
+        shape = tuple(ctx.get_tensor_shape(name))
+        t = (
+            torch.ones(shape, dtype=dtype, device="cuda")
+            if not dtype.is_floating_point
+            else torch.randn(shape, device="cuda").to(dtype)
+        )
+        buffers[name] = t
+        ctx.set_tensor_address(name, t.data_ptr())
+
+    def call(_alive=buffers):  # current stream: the CUDA events that time it see the work
+        ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+
+    info = {"backend": "tensorrt", "engine": str(engine_path), "tensorrt": trt.__version__, "verified": False}
+    return Runner(call, info | {"buffers": sorted(buffers)}, cuda=True)

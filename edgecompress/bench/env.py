@@ -1,0 +1,113 @@
+"""The environment a latency number was measured in, captured with every run.
+
+CPU model, cores and the instruction-set flags that decide INT8/FP16 speed (from /proc/cpuinfo),
+the load average at the time (other processes skew CPU timings), frequency governor when
+readable, GPU name / driver / clocks (``nvidia-smi``) and Jetson power mode (``nvpmodel -q``)
+when present, and the versions of every library on the timing path. Nothing here fails: what is
+not readable is reported as ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+
+CPU_FLAGS = (
+    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve",
+)  # fmt: skip
+LIBRARIES = (
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "tensorrt",
+    "transformers",
+    "timm",
+    "numpy",
+    "edgecompress",
+)
+GPU_QUERY = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,pstate"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def cpu_info() -> dict:
+    """CPU model, logical cores usable by this process, ISA flags that matter, load average."""
+    text = _read("/proc/cpuinfo") or ""
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model") and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "logical_cores": usable,
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "governor": governor.strip() if governor else None,
+    }
+
+
+def gpu_info() -> list[dict] | None:
+    """One dict per NVIDIA GPU from ``nvidia-smi`` (name, driver, SM/memory clocks, power limit)."""
+    out = _run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader"])
+    if not out:
+        return None
+    keys = GPU_QUERY.split(",")
+    return [dict(zip(keys, (v.strip() for v in line.split(",")))) for line in out.splitlines()]
+
+
+def jetson_power_mode() -> str | None:
+    out = _run(["nvpmodel", "-q"])
+    return out.splitlines()[0] if out else None
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment(threads: int | None = None) -> dict:
+    """Everything above plus the thread count the measurement used."""
+    return {
+        "cpu": cpu_info(),
+        "threads": threads,
+        "gpu": gpu_info(),
+        "jetson_power_mode": jetson_power_mode(),
+        "os": platform.platform(),
+        "libraries": library_versions(),
+    }

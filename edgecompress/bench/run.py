@@ -1,0 +1,190 @@
+"""``edgecompress bench``: latency of a model spec / compressed folder / .onnx file on one backend.
+
+A model spec runs as is on ``torch``; on ``onnxruntime`` it is exported on the fly (static batch,
+the compressed model's Q/DQ graph) and sanity-checked against PyTorch on the benchmark inputs
+(cosine ≥ 0.999) before it is timed. ``vs`` times a second target round-robin with the first in
+the same process and reports ``speedup = median(vs) / median(model)``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgecompress.bench.backends import BACKENDS, Runner, ort_runner, torch_runner, trt_runner
+from edgecompress.bench.env import environment
+from edgecompress.bench.timing import time_alternating, unstable
+from edgecompress.errors import UserError
+
+SANITY_COSINE = 0.999
+
+
+def _sanity(loaded, runner: Runner, sess_inputs: list[str]) -> float:
+    """Cosine between the exported graph's and PyTorch's outputs on the benchmark inputs."""
+    from edgecompress.export.inputs import as_batch
+
+    feeds = runner.info["_feeds"]
+    tensors = tuple(torch.from_numpy(feeds[n]) for n in sess_inputs)
+    with torch.no_grad():
+        ref = loaded.call(loaded.model.eval(), as_batch(loaded, tensors)).float().flatten().numpy()
+    out = runner.output().astype(np.float64).flatten()
+    cos = float(out @ ref / max(np.linalg.norm(out) * np.linalg.norm(ref), 1e-30))
+    if cos < SANITY_COSINE:
+        raise UserError(
+            f"the on-the-fly ONNX export of {loaded.spec} disagrees with PyTorch (cosine {cos:.5f})"
+        )
+    return cos
+
+
+def _from_file(path: Path, backend: str, batch: int, seq: int, threads: int | None, work: Path) -> Runner:
+    from edgecompress.export.onnx import check_onnx
+
+    if path.suffix == ".engine":
+        if backend != "tensorrt":
+            raise UserError(f"{path} is a TensorRT engine: use --backend tensorrt")
+        return trt_runner(path, batch, seq)
+    if backend == "torch":
+        raise UserError(f"{path} is an ONNX file: use --backend onnxruntime (or tensorrt)")
+    check_onnx(path)
+    if backend == "onnxruntime":
+        return ort_runner(path, batch, seq, threads)
+    from edgecompress.export.tensorrt import build_engine
+
+    engine = work / f"{path.stem}.engine"
+    build_engine(path, engine, batch=batch, seq=seq)
+    return trt_runner(engine, batch, seq)
+
+
+def prepare_loaded(
+    loaded, backend: str, batch: int, seq: int, threads: int | None, device: str, work: Path
+) -> Runner:
+    """A :class:`Runner` for an in-memory model (exported on the fly for onnxruntime / tensorrt)."""
+    from edgecompress.export.onnx import export_onnx
+
+    if backend == "torch":
+        return torch_runner(loaded, batch, seq, threads, device)
+    onnx_path = work / f"model{len(list(work.glob('*.onnx')))}.onnx"
+    result = export_onnx(
+        loaded, onnx_path, batch=batch, target="tensorrt" if backend == "tensorrt" else "onnxruntime"
+    )
+    runner = _from_file(onnx_path, backend, batch, seq, threads, work)
+    if backend == "onnxruntime":
+        runner.info["sanity_cosine"] = round(_sanity(loaded, runner, result.inputs), 6)
+    runner.info["exported_on_the_fly"] = {
+        "exporter": result.exporter,
+        "opset": result.opset,
+        "qdq": result.qdq,
+    }
+    return runner
+
+
+def prepare(
+    target: str, backend: str, batch: int, seq: int, threads: int | None, device: str, work: Path
+) -> Runner:
+    """A ready-to-time :class:`Runner` for ``target`` (spec, folder, .onnx or .engine file)."""
+    from edgecompress.models.loading import load_model
+
+    path = Path(target)
+    if path.suffix in (".onnx", ".engine"):
+        if not path.is_file():
+            raise UserError(f"file not found: {path}")
+        return _from_file(path, backend, batch, seq, threads, work)
+    if path.is_file():
+        raise UserError(f"{path} is not a model spec, a compressed folder, or an .onnx / .engine file")
+    return prepare_loaded(load_model(target), backend, batch, seq, threads, device, work)
+
+
+def _check_args(backend: str, batch: int, seq: int, threads: int | None) -> None:
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if batch < 1 or seq < 1 or (threads is not None and threads < 0):
+        raise UserError("--batch and --seq must be ≥ 1 and --threads ≥ 0")
+
+
+def _timed(
+    names: list[str], runners: list[Runner], backend: str, batch: int, seq: int, threads, timing
+) -> dict:
+    stats = time_alternating([r.call for r in runners], cuda=runners[0].cuda, **timing)
+    results, warnings = [], []
+    for name, runner, st in zip(names, runners, stats):
+        info = {k: v for k, v in runner.info.items() if not k.startswith("_")}
+        results.append(
+            {
+                "target": name,
+                **info,
+                "latency": st,
+                "throughput_per_s": round(batch * 1e3 / st["median_ms"], 3),
+            }
+        )
+        if (w := unstable(st)) is not None:
+            warnings.append(f"{name}: {w}")
+    out = {
+        "backend": backend,
+        "batch": batch,
+        "seq": seq,
+        "method": {**timing, "what": "one inference call, inputs already in place; round-robin when several"},
+        "results": results,
+        "environment": environment(threads),
+        "warnings": warnings,
+    }
+    if len(stats) == 2:
+        out["speedup"] = round(stats[1]["median_ms"] / stats[0]["median_ms"], 3)
+    return out
+
+
+def _timing(timing: dict | None) -> dict:
+    return {"min_seconds": 3.0, "min_iters": 100, "warmup_s": 1.0, **(timing or {})}
+
+
+def bench(
+    target: str,
+    backend: str = "torch",
+    batch: int = 1,
+    seq: int = 128,
+    threads: int | None = None,
+    device: str = "cpu",
+    vs: str | None = None,
+    timing: dict | None = None,
+) -> dict:
+    """Time ``target`` (and ``vs``, alternately). ``timing``: keyword overrides for
+    :func:`~edgecompress.bench.timing.time_alternating` (min_seconds, min_iters, warmup_s, max_seconds)."""
+    _check_args(backend, batch, seq, threads)
+    with tempfile.TemporaryDirectory(prefix="ec-bench-") as tmp:
+        names = [target] + ([vs] if vs else [])
+        runners = [prepare(t, backend, batch, seq, threads, device, Path(tmp)) for t in names]
+        return _timed(names, runners, backend, batch, seq, threads, _timing(timing))
+
+
+def bench_models(
+    models: dict, backend: str, batch: int, seq: int, threads: int | None = None, timing: dict | None = None
+) -> dict:
+    """Time in-memory models (``{name: LoadedModel}``, e.g. baseline and compressed) alternately."""
+    _check_args(backend, batch, seq, threads)
+    with tempfile.TemporaryDirectory(prefix="ec-bench-") as tmp:
+        runners = [prepare_loaded(m, backend, batch, seq, threads, "cpu", Path(tmp)) for m in models.values()]
+        return _timed(list(models), runners, backend, batch, seq, threads, _timing(timing))
+
+
+def format_lines(result: dict) -> list[str]:
+    """Console lines: one per timed target, then the ratio."""
+    lines = []
+    for r in result["results"]:
+        s = r["latency"]
+        lines.append(
+            f"{r['target']} [{result['backend']}, batch {result['batch']}]: median {s['median_ms']:.3f} ms, "
+            f"p90 {s['p90_ms']:.3f}, p99 {s['p99_ms']:.3f}, mean {s['mean_ms']:.3f}, min {s['min_ms']:.3f}, "
+            f"CV {s['cv'] * 100:.1f}% over {s['iterations']} runs; {r['throughput_per_s']:.1f} items/s"
+        )
+    if "speedup" in result:
+        a, b = result["results"][0]["target"], result["results"][1]["target"]
+        lines.append(
+            f"speed-up of {a} over {b}: {result['speedup']:.2f}x (median {b} / median {a}, alternated)"
+        )
+    cpu = result["environment"]["cpu"]
+    lines.append(
+        f"on {cpu['model']} ({cpu['logical_cores']} cores, load {cpu['load_average']}), threads {result['environment']['threads'] or 'default'}"
+    )
+    return lines

@@ -1,0 +1,126 @@
+"""One call for the CLI and the compress job: export → check → verify → JSON (→ TensorRT engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgecompress.errors import UserError
+from edgecompress.export.onnx import DEFAULT_OPSET, export_onnx
+from edgecompress.export.runtime import optimized_ops
+from edgecompress.export.tensorrt import build_engine, check_tensorrt_ready, require_tensorrt
+from edgecompress.export.verify import DEFAULT_SAMPLES, check_verification, verify_onnx, write_verification
+from edgecompress.models.loading import LoadedModel
+
+FORMATS = ("onnx", "tensorrt")
+
+
+def verification_path(onnx_path: str | Path) -> Path:
+    """``model.onnx`` → ``model.verification.json`` (next to it)."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + ".verification.json")
+
+
+def export_verified(
+    loaded: LoadedModel,
+    out: str | Path,
+    fmt: str = "onnx",
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+    batch: int = 1,
+    samples: int = DEFAULT_SAMPLES,
+    data: str | None = None,
+) -> dict:
+    """Export ``loaded`` to ``out`` (an ``.onnx`` path), verify it against PyTorch, write the JSON.
+
+    ``fmt="tensorrt"`` exports the zero-point-0 form, checks TensorRT readiness and then builds an
+    engine next to the ONNX file (unverified: see :mod:`edgecompress.export.tensorrt`). A failed
+    verification deletes the ONNX file, keeps the JSON and raises :class:`UserError`.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if batch < 1 or samples < 1:
+        raise UserError("batch and samples must be ≥ 1")
+    if fmt == "tensorrt":
+        require_tensorrt()  # fail in one line before spending minutes on the export
+    onnx_path = Path(out)
+    if onnx_path.suffix != ".onnx":
+        raise UserError(f"--out {out}: the ONNX file name must end in .onnx")
+    import onnx
+
+    result = export_onnx(
+        loaded, onnx_path, opset, dynamic_batch, batch, "tensorrt" if fmt == "tensorrt" else "onnxruntime"
+    )
+    record = {"model": loaded.spec, "format": fmt, "export": result.to_dict()}
+    record["tensorrt_ready"] = check_tensorrt_ready(onnx.load(str(onnx_path))) or "yes"
+    record["onnxruntime"] = optimized_ops(onnx_path)
+    record["verification"] = verify_onnx(loaded, onnx_path, samples, data, batch)
+    json_path = write_verification(record, verification_path(onnx_path))
+    if not record["verification"]["passed"]:
+        onnx_path.unlink(missing_ok=True)
+        check_verification(record["verification"])
+    if fmt == "tensorrt":
+        record["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), batch=batch)
+        write_verification(record, json_path)
+    record["json"] = str(json_path)
+    return record
+
+
+def summary_line(record: dict) -> str:
+    """One console line: file, exporter, Q/DQ, integer kernels, verification metrics."""
+    ex, v = record["export"], record["verification"]["metrics"]
+    ints = sum(record["onnxruntime"]["integer_kernels"].values())
+    fid = f"top-1 agreement {v['top1_agreement']}%, " if "top1_agreement" in v else ""
+    trt = "yes" if record["tensorrt_ready"] == "yes" else f"no ({len(record['tensorrt_ready'])} issues)"
+    return (
+        f"{ex['path']}: {ex['exporter']} exporter, opset {ex['opset']}, {ex['qdq']['QuantizeLinear']} Q / "
+        f"{ex['qdq']['DequantizeLinear']} DQ, {ex['qdq']['int8_weight_initializers']} INT8 weights; ORT integer "
+        f"kernels {ints}/{ex['qdq']['matmuls']} matmuls; verified on {v['samples']} samples: {fid}cosine min "
+        f"{v['cosine_min']}, max-abs err {v['max_abs_error']:.3g}; TensorRT-ready: {trt}"
+    )
+
+
+def _relocate(obj, old: str, new: str):
+    """Replace the temporary folder in every path string of a JSON-like object."""
+    if isinstance(obj, dict):
+        return {k: _relocate(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocate(v, old, new) for v in obj]
+    return obj.replace(old, new) if isinstance(obj, str) else obj
+
+
+def deploy_stage(
+    compressed: LoadedModel,
+    baseline: LoadedModel | None,
+    export: dict | None,
+    bench: dict | None,
+    tmp: Path,
+    out: Path,
+) -> dict:
+    """The ``export:`` / ``bench:`` recipe sections of ``compress``: files go into ``tmp`` (the
+    job's temporary output folder, renamed to ``out`` afterwards); returns the report section."""
+    import json
+
+    section: dict = {}
+    if export is not None:
+        rec = export_verified(
+            compressed, tmp / "model.onnx", export["format"], export["opset"], export["dynamic_batch"],
+            export["batch"], export["samples"], export["data"],
+        )  # fmt: skip
+        rec = _relocate(rec, str(tmp), str(out))
+        Path(tmp / Path(rec["json"]).name).write_text(json.dumps(rec, indent=1, default=str))
+        section["export"] = {
+            "file": "model.onnx",
+            "summary": summary_line(rec),
+            "verification": rec["verification"]["metrics"] | {"passed": rec["verification"]["passed"]},
+            "tensorrt_ready": rec["tensorrt_ready"],
+            "details": Path(rec["json"]).name,
+        }
+    if bench is not None and baseline is not None:
+        from edgecompress.bench.run import bench_models
+
+        timing = {"min_seconds": bench["seconds"], "min_iters": bench["iterations"]}
+        models = {"compressed": compressed, "baseline": baseline}
+        section["bench"] = bench_models(
+            models, bench["backend"], bench["batch"], bench["seq"], bench["threads"] or None, timing
+        )
+    return section

@@ -1,0 +1,113 @@
+"""Export forms of the quantizers, in PyTorch (oracle: the fake-quant modules they replace).
+
+The Q/DQ forms compute ``round(x · (1/s))`` where the fake-quant code computes ``round(x / s)``
+(and the TensorRT offset form adds and subtracts ``s·z'``); they differ only by float rounding,
+except for values within rounding of a half step, whose code moves by one. So: at least 99.9 % of
+the outputs agree to 1e-4 of a step and none is more than one step away.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgecompress.export.forms import QDQActivation, QDQLinear, export_module, has_quantizers, to_export_form
+from edgecompress.quantize.log_modules import AdaLogQuantizer, LogQuantizer, TanQuantizer
+from edgecompress.quantize.modules import QuantLinear, UniformQuantizer
+from edgecompress.quantize.uniform import (
+    dequantize_uniform,
+    params_from_range,
+    quantize_uniform,
+    weight_params,
+)
+
+EXACT_FRACTION = 0.999
+
+
+def _quantizer(bits: int, symmetric: bool, lo: float = -1.3, hi: float = 2.1) -> UniformQuantizer:
+    q = UniformQuantizer(bits, symmetric, "tensor", "linear_in")
+    return q.set_params(*params_from_range(torch.tensor(lo), torch.tensor(hi), bits, symmetric))
+
+
+def _assert_one_step(a: torch.Tensor, b: torch.Tensor, step: float) -> None:
+    """Equal up to float rounding (1e-4 of a step) except for a few values one step apart."""
+    diff = (a - b).abs()
+    same = (diff <= 1e-4 * step).float().mean().item()
+    assert same >= EXACT_FRACTION, same
+    assert float(diff.max()) <= step * 1.0001
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_qdq_activation_matches_fake_quant(bits, symmetric, target):
+    torch.manual_seed(0)
+    q = _quantizer(bits, symmetric)
+    x = torch.randn(4, 97, 59) * 1.5  # includes values outside the range (clipped)
+    form = QDQActivation(q, target)
+    assert form.offset == (target == "tensorrt" and not symmetric)
+    _assert_one_step(form(x), q(x), float(q.scale))
+
+
+def test_int8_zero_points_follow_the_mapping():
+    q8 = _quantizer(8, False)
+    form = QDQActivation(q8)
+    assert form.zp_i == int(q8.zero_point) - 128 and (form.qmin, form.qmax) == (-128, 127)
+    q4 = _quantizer(4, True)
+    assert QDQActivation(q4).zp_i == 0 and (QDQActivation(q4).qmin, QDQActivation(q4).qmax) == (-8, 7)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_qdq_linear_weight_is_exactly_the_dequantized_grid(bits, symmetric):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(59, 97))
+    s, z = weight_params(layer.weight.detach(), bits, symmetric)
+    layer.w_quant = UniformQuantizer(bits, symmetric, "channel", "weight").set_params(s, z)
+    layer.in_quant = _quantizer(8, symmetric)
+    form = QDQLinear(layer)
+    assert form.int8 and form.w_codes.dtype == torch.int8 and form.w_codes.shape == (59, 97)
+    assert int(form.w_codes.min()) >= -(2 ** (bits - 1)) and int(form.w_codes.max()) <= 2 ** (bits - 1) - 1
+    expected = dequantize_uniform(quantize_uniform(layer.weight, s, z, bits), s, z).t()
+    assert torch.equal(form.weight_t(), expected.detach())
+    x = torch.randn(3, 5, 59)
+    ref = torch.nn.functional.linear(form.in_quant(x), expected.t(), layer.bias)
+    torch.testing.assert_close(form(x), ref.detach(), rtol=1e-5, atol=1e-5)  # summation order only
+
+
+def test_linear_without_int8_input_keeps_float_weights():
+    layer = QuantLinear.from_linear(nn.Linear(16, 8))
+    s, z = weight_params(layer.weight.detach(), 8)
+    layer.w_quant = UniformQuantizer(8, False, "channel", "weight").set_params(s, z)
+    form = QDQLinear(layer)  # in_quant is still a QuantPoint: no Q/DQ on the input
+    assert not form.int8 and form.weight_t().dtype == torch.float32
+
+
+def _log_modules():
+    yield LogQuantizer(4, "log2").set_params(torch.tensor(0.9))
+    yield LogQuantizer(4, "logsqrt2", strict_bits=True).set_params(torch.tensor(1.0))
+    yield AdaLogQuantizer(4, shift=0.17, fold_shift=True).set_params(torch.tensor(0.5), 10)
+    yield AdaLogQuantizer(3, shift=0.17, fold_shift=False).set_params(torch.tensor(0.5), 23)
+    yield TanQuantizer(4).set_params(torch.tensor(1.0), 0.9)
+
+
+@pytest.mark.parametrize("mod", list(_log_modules()), ids=lambda m: f"{type(m).__name__}-{m.bits}")
+def test_lut_forms_reproduce_non_uniform_quantizers(mod):
+    torch.manual_seed(0)
+    x = torch.cat([torch.rand(2000), torch.randn(2000) * 0.3, torch.tensor([0.0, 1.0, -0.17, 1e-20])])
+    form = export_module(mod)
+    assert type(form).__name__ == "LUTQuantizer"
+    torch.testing.assert_close(form(x), mod(x), rtol=0, atol=1e-6)  # atol: the STE's x + (x̂ − x) rounding
+
+
+def test_to_export_form_copies_and_counts():
+    model = nn.Sequential(QuantLinear.from_linear(nn.Linear(8, 8)))
+    model[0].in_quant = _quantizer(8, False)
+    s, z = weight_params(model[0].weight.detach(), 8)
+    model[0].w_quant = UniformQuantizer(8, False, "channel", "weight").set_params(s, z)
+    form, counts = to_export_form(model)
+    assert counts == {"QDQLinear": 1} and isinstance(model[0], QuantLinear)  # original untouched
+    assert has_quantizers(model) and not has_quantizers(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError):
+        to_export_form(model, "tflite")

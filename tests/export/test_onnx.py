@@ -1,0 +1,161 @@
+"""Export to ONNX and verification (oracle: the eager model on the same inputs; thresholds and
+their reasons in :mod:`edgecompress.export.verify`: cosine ≥ 0.999, top-1 agreement ≥ 99.5 %,
+float graphs also max-abs ≤ 1e-3 · max |output|)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+from edgecompress.errors import UserError
+from edgecompress.export.deploy import export_verified, verification_path
+from edgecompress.export.forms import register_export_form
+from edgecompress.export.runtime import optimized_ops
+from edgecompress.export.verify import check_verification, verify_onnx
+from edgecompress.models.loading import LoadedModel
+from edgecompress.quantize.modules import QuantLinear
+from tests.export.conftest import float_models
+from tests.export.models import compressed, tiny_bert_synthetic
+
+SAMPLES = 16
+
+
+@pytest.mark.parametrize("name", ["timm-vit", "timm-swin", "hf-bert"])  # the demo: test_cli_export
+def test_float_models_export_and_verify(name, tiny_bert_dir, exported):
+    loaded = float_models(tiny_bert_dir)[name]()
+    res, model = exported(name, loaded)
+    assert res.exporter == "dynamo" and res.fallback_reason is None
+    assert res.qdq["QuantizeLinear"] == 0 and not res.quantized
+    assert [i.name for i in model.graph.input] == res.inputs
+    v = verify_onnx(loaded, res.path, samples=SAMPLES)
+    assert v["passed"], v["failures"]
+    assert v["metrics"]["samples"] == SAMPLES
+
+
+def _dq_weights(model) -> list:
+    inits = {i.name: i for i in model.graph.initializer}
+    return [
+        (n, inits[n.input[0]])
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    ]
+
+
+@pytest.mark.parametrize("fixture,bits", [("vit_w8a8", 8), ("vit_w4a4", 4)])
+def test_uniform_ptq_becomes_int8_qdq(fixture, bits, request, exported):
+    loaded = request.getfixturevalue(fixture)
+    res, model = exported(fixture, loaded)
+    linears = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    weights = _dq_weights(model)
+    assert res.qdq["int8_weight_initializers"] == len(weights) == len(linears)
+    for node, init in weights:
+        codes = numpy_helper.to_array(init)
+        assert init.data_type == TensorProto.INT8
+        assert {a.name: a.i for a in node.attribute}.get("axis") == 1  # output channels of [in, out]
+        assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+    assert res.qdq["QuantizeLinear"] > 0 and res.qdq["matmuls_with_dq_inputs"] >= len(linears)
+    v = verify_onnx(loaded, res.path, samples=SAMPLES)
+    assert v["passed"], v["failures"]
+
+
+@pytest.mark.parametrize("recipe", ["adalog_w4a4", "repq_vit_w4a4", "dopq_vit_w4a4"])
+def test_non_uniform_quantizers_export_as_table_lookups(recipe, vit, exported):
+    quick = ("passes.0.search_rounds=1", "passes.0.max_tokens=256")
+    loaded = compressed(vit, recipe, quick)
+    res, model = exported(recipe, loaded)
+    assert res.forms.get("LUTQuantizer", 0) >= 1  # the softmax quantizers (log2 / log√2 / AdaLog / TanQ)
+    assert any(n.op_type in ("Gather", "GatherND") for n in model.graph.node)
+    v = verify_onnx(loaded, res.path, samples=SAMPLES)
+    assert v["passed"], v["failures"]
+
+
+def test_onnxruntime_runs_every_matmul_in_int8(vit_w8a8, exported):
+    res, _ = exported("vit_w8a8", vit_w8a8)
+    ops = optimized_ops(res.path)
+    assert sum(ops["integer_kernels"].values()) == res.qdq["matmuls"], ops
+    assert ops["float_matmuls"] == 0
+
+
+def test_shared_qdq_pairs_get_one_per_consumer(exported):
+    bert = compressed(tiny_bert_synthetic(), "uniform_w8a8")  # q/k/v projections share one input
+    res, model = exported("bert_w8a8", bert)
+    users = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert users.get(n.output[0], 0) == 1, n.name
+    assert optimized_ops(res.path)["float_matmuls"] == 0
+    assert verify_onnx(bert, res.path, samples=SAMPLES)["passed"]
+
+
+def test_torchscript_exporter_gives_the_same_qdq_graph(vit_w8a8, exported):
+    res, model = exported("vit_w8a8_ts", vit_w8a8, exporter="torchscript")
+    assert res.exporter == "torchscript"
+    assert (
+        res.qdq["int8_weight_initializers"]
+        == exported("vit_w8a8", vit_w8a8)[0].qdq["int8_weight_initializers"]
+    )
+    assert verify_onnx(vit_w8a8, res.path, samples=SAMPLES)["passed"]
+
+
+def test_verification_of_a_different_model_fails(vit_w8a8, exported):
+    res, _ = exported("vit_w8a8", vit_w8a8)
+    other = copy.deepcopy(vit_w8a8.model)
+    with torch.no_grad():
+        other.head.weight.mul_(-1.0)
+    wrong = LoadedModel(other, vit_w8a8.spec, "image", vit_w8a8.base, vit_w8a8.data_cfg)
+    v = verify_onnx(wrong, res.path, samples=SAMPLES)
+    assert not v["passed"] and v["failures"]
+    with pytest.raises(UserError, match="verification failed"):
+        check_verification(v)
+
+
+class _Mark(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class _Wrong(nn.Module):
+    def forward(self, x):
+        return -x
+
+
+def test_a_faulty_export_form_is_caught_and_its_file_removed(vit, tmp_path, monkeypatch):
+    from edgecompress.export import forms
+
+    monkeypatch.setitem(forms.EXPORT_FORMS, "_Mark", lambda mod, target: _Wrong())
+    model = nn.Sequential(vit.model, _Mark())
+    loaded = LoadedModel(model, vit.spec, "image", vit.base, vit.data_cfg)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match="verification failed"):
+        export_verified(loaded, out, samples=8, batch=4)
+    assert not out.exists() and verification_path(out).is_file()
+
+
+def test_own_export_module_method_is_used():
+    from edgecompress.export.forms import export_module
+
+    class Q(nn.Module):
+        def onnx_export_module(self):
+            return _Wrong()
+
+    assert isinstance(export_module(Q()), _Wrong)
+    register_export_form("_Never")(lambda mod, target: mod)  # the decorator returns the factory
+
+
+def test_dynamic_batch_graph_accepts_other_batch_sizes(vit_w8a8, exported):
+    from edgecompress.export.runtime import ort_session
+
+    res, model = exported("vit_w8a8_dyn", vit_w8a8, dynamic_batch=True)
+    assert res.batch == "dynamic"
+    sess = ort_session(res.path)
+    for b in (1, 5):
+        x = np.random.default_rng(0).standard_normal((b, 3, 16, 16)).astype(np.float32)
+        assert sess.run(None, {"pixel_values": x})[0].shape == (b, 7)
