@@ -59,7 +59,7 @@ CALIB_SAMPLES = 32
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, nargs="+", default=[4, 6])
-    p.add_argument("--models", nargs="+", default=["vit-digits", "minilm"], choices=["vit-digits", "minilm"])
+    p.add_argument("--models", nargs="*", default=["vit-digits", "minilm"], choices=["vit-digits", "minilm"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for the passes (0: torch's)")
     p.add_argument("--max-tokens", type=int, default=None, help="subsample calibration tokens (default: all)")
@@ -98,6 +98,8 @@ def bench_model(spec: str, methods: list[str], bits: list[int], kw: dict) -> lis
                 **metrics,
                 "calib_s": round(secs, 1),
                 "load_avg": load,
+                "threads": kw["threads"],
+                "max_tokens": None if name == "uniform" else kw["max_tokens"],
             }
             if loaded.kind == "image":
                 row["logit_sqnr_db"] = _logit_sqnr(fp_out, out)

@@ -73,6 +73,10 @@ def _latency(loaded: LoadedModel, model, batch) -> dict:
 
 def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str = "cpu") -> JobResult:
     """Run ``recipe`` on ``loaded`` and write the output folder atomically; returns its report."""
+    if recipe.export is not None or recipe.bench is not None:
+        from edgecompress.export.deploy import preflight
+
+        preflight(recipe.export, recipe.bench)  # e.g. TensorRT missing: say so before any work
     dev = torch.device(device)
     model = loaded.model.to(dev)
     cal, ev = recipe.calibration, recipe.eval

@@ -100,8 +100,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_ckpt, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_ckpt, capsys):
     args, message = _bad(tmp_path, tiny_ckpt)[case]
     out = tmp_path / "out"
     code = main(["compress", *args, "--out", str(out)])

@@ -1,4 +1,6 @@
-"""Every shipped recipe runs end to end on a small model (oracle: the float model; floor stated below)."""
+"""Every shipped recipe runs end to end on a small model and exports to a verified ONNX file
+(oracles: the float model, floor stated below; the exported file against the PyTorch model it came
+from, thresholds of :mod:`edgecompress.export.verify`)."""
 
 from __future__ import annotations
 
@@ -25,3 +27,10 @@ def test_shipped_recipe_runs_on_tiny_vit(path, tmp_path, capsys):
     assert report["metrics"]["compressed"]["top1_agreement"] >= MIN_TOP1_AGREEMENT
     assert report["size_bytes"]["compressed"] < report["size_bytes"]["baseline"]
     assert (out / "model.safetensors").stat().st_size > 0
+    # ... and the compressed folder exports: full ONNX checker, then ORT against PyTorch
+    onnx_path = tmp_path / "model.onnx"
+    code = main(["export", str(out), "--out", str(onnx_path), "--samples", "32", "--batch", "8"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "model.verification.json").read_text())
+    assert record["verification"]["passed"], record["verification"]["failures"]
+    assert record["verification"]["metrics"]["samples"] == 32

@@ -35,6 +35,7 @@ class Runner:
     info: dict = field(default_factory=dict)
     cuda: bool = False
     output: Callable[[], np.ndarray] | None = None  # one run's main output, for sanity checks
+    feeds: dict[str, np.ndarray] | None = None  # the inputs it runs on (onnxruntime)
 
 
 def torch_runner(
@@ -100,8 +101,8 @@ def ort_runner(
         "onnxruntime": onnxruntime().__version__,
         "session": session_config(path, threads, ort_defaults, spinning=False),
     }
-    info["_feeds"] = feeds  # private: the sanity check feeds the same inputs to PyTorch
-    return Runner(lambda: sess.run(None, feeds), info, output=lambda: np.asarray(sess.run(None, feeds)[0]))
+    output = lambda: np.asarray(sess.run(None, feeds)[0])  # noqa: E731
+    return Runner(lambda: sess.run(None, feeds), info, output=output, feeds=feeds)
 
 
 _TRT_DTYPES = {

@@ -26,7 +26,7 @@ def _sanity(loaded, runner: Runner, sess_inputs: list[str]) -> float:
     """Cosine between the exported graph's and PyTorch's outputs on the benchmark inputs."""
     from edgecompress.export.inputs import as_batch
 
-    feeds = runner.info["_feeds"]
+    feeds = runner.feeds
     tensors = tuple(torch.from_numpy(feeds[n]) for n in sess_inputs)
     with torch.no_grad():
         ref = loaded.call(loaded.model.eval(), as_batch(loaded, tensors)).float().flatten().numpy()
@@ -102,6 +102,10 @@ def _check_args(backend: str, batch: int, seq: int, threads: int | None) -> None
         raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if batch < 1 or seq < 1 or (threads is not None and threads < 0):
         raise UserError("--batch and --seq must be ≥ 1 and --threads ≥ 0")
+    if backend == "tensorrt":
+        from edgecompress.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before any export
 
 
 def _timed(
@@ -110,11 +114,10 @@ def _timed(
     stats = time_alternating([r.call for r in runners], cuda=runners[0].cuda, **timing)
     results, warnings = [], []
     for name, runner, st in zip(names, runners, stats):
-        info = {k: v for k, v in runner.info.items() if not k.startswith("_")}
         results.append(
             {
                 "target": name,
-                **info,
+                **runner.info,
                 "latency": st,
                 "throughput_per_s": round(batch * 1e3 / st["median_ms"], 3),
             }

@@ -12,6 +12,7 @@ from edgecompress.export.verify import DEFAULT_SAMPLES, check_verification, veri
 from edgecompress.models.loading import LoadedModel
 
 FORMATS = ("onnx", "tensorrt")
+MAX_ISSUES = 50  # TensorRT-readiness issues kept in the JSON (the count is always there)
 
 
 def verification_path(onnx_path: str | Path) -> Path:
@@ -40,18 +41,18 @@ def export_verified(
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if batch < 1 or samples < 1:
         raise UserError("batch and samples must be ≥ 1")
-    if fmt == "tensorrt":
-        require_tensorrt()  # fail in one line before spending minutes on the export
     onnx_path = Path(out)
     if onnx_path.suffix != ".onnx":
         raise UserError(f"--out {out}: the ONNX file name must end in .onnx")
+    if fmt == "tensorrt":
+        require_tensorrt()  # fail in one line before spending minutes on the export
     import onnx
 
     result = export_onnx(
         loaded, onnx_path, opset, dynamic_batch, batch, "tensorrt" if fmt == "tensorrt" else "onnxruntime"
     )
     record = {"model": loaded.spec, "format": fmt, "export": result.to_dict()}
-    record["tensorrt_ready"] = check_tensorrt_ready(onnx.load(str(onnx_path))) or "yes"
+    record["tensorrt"] = tensorrt_record(onnx.load(str(onnx_path)))
     record["onnxruntime"] = optimized_ops(onnx_path)
     record["verification"] = verify_onnx(loaded, onnx_path, samples, data, batch)
     json_path = write_verification(record, verification_path(onnx_path))
@@ -65,12 +66,19 @@ def export_verified(
     return record
 
 
+def tensorrt_record(model) -> dict:
+    """TensorRT readiness of an ONNX model for the JSON: a verdict, the count, the first issues."""
+    problems = check_tensorrt_ready(model)
+    return {"ready": not problems, "issue_count": len(problems), "issues": problems[:MAX_ISSUES]}
+
+
 def summary_line(record: dict) -> str:
     """One console line: file, exporter, Q/DQ, integer kernels, verification metrics."""
     ex, v = record["export"], record["verification"]["metrics"]
     ints = sum(record["onnxruntime"]["integer_kernels"].values())
     fid = f"top-1 agreement {v['top1_agreement']}%, " if "top1_agreement" in v else ""
-    trt = "yes" if record["tensorrt_ready"] == "yes" else f"no ({len(record['tensorrt_ready'])} issues)"
+    t = record["tensorrt"]
+    trt = "yes" if t["ready"] else f"no ({t['issue_count']} issues, e.g. {t['issues'][0]})"
     return (
         f"{ex['path']}: {ex['exporter']} exporter, opset {ex['opset']}, {ex['qdq']['QuantizeLinear']} Q / "
         f"{ex['qdq']['DequantizeLinear']} DQ, {ex['qdq']['int8_weight_initializers']} INT8 weights; ORT integer "
@@ -112,7 +120,7 @@ def deploy_stage(
             "file": "model.onnx",
             "summary": summary_line(rec),
             "verification": rec["verification"]["metrics"] | {"passed": rec["verification"]["passed"]},
-            "tensorrt_ready": rec["tensorrt_ready"],
+            "tensorrt": rec["tensorrt"],
             "details": Path(rec["json"]).name,
         }
     if bench is not None and baseline is not None:
@@ -124,3 +132,9 @@ def deploy_stage(
             models, bench["backend"], bench["batch"], bench["seq"], bench["threads"] or None, timing
         )
     return section
+
+
+def preflight(export: dict | None, bench: dict | None) -> None:
+    """Fail before any work when a recipe's ``export:`` / ``bench:`` section cannot run here."""
+    if (export or {}).get("format") == "tensorrt" or (bench or {}).get("backend") == "tensorrt":
+        require_tensorrt()

@@ -1,11 +1,14 @@
 """Export-time forms of quantizer modules: what each quantizer becomes in the ONNX graph.
 
-Before export, :func:`to_export_form_` swaps (on a copy of the model) every quantizer for a module
+Before export, :func:`to_export_form` swaps (on a copy of the model) every quantizer for a module
 whose ``forward`` emits the ops a runtime understands:
 
 * :class:`~edgecompress.quantize.modules.UniformQuantizer` on an activation → :class:`QDQActivation`:
-  ``torch.fake_quantize_per_{tensor,channel}_affine`` with INT8 range, which both ONNX exporters
-  lower to a ``QuantizeLinear → DequantizeLinear`` pair. Our codes ``q ∈ [0, 2^b − 1]`` with
+  ``torch.ops.quantized_decomposed.{quantize,dequantize}_per_tensor`` (per-tensor; kept as ops by
+  ``torch.export``, whereas ``fake_quantize_per_tensor_affine`` gets decomposed under dynamic
+  shapes) or ``torch.fake_quantize_per_channel_affine`` (one axis), INT8 range, which the ONNX
+  exporters lower to a ``QuantizeLinear → DequantizeLinear`` pair (both round half to even, like
+  ``torch.round``). Our codes ``q ∈ [0, 2^b − 1]`` with
   zero-point ``z`` map to INT8 as ``q − 2^(b−1)`` with zero-point ``z − 2^(b−1)`` (so 8-bit
   symmetric quantizers get zero-point 0). Below 8 bits a ``Clip`` to the low-bit range precedes
   the pair, so the INT8 tensor only holds values of the ``b``-bit grid.

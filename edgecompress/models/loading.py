@@ -1,7 +1,7 @@
 """Model specs → models, all offline.
 
 * ``timm:<arch>`` — any timm architecture; weights from ``checkpoint`` (safetensors) or the local
-  Hugging Face cache (``HF_HUB_OFFLINE=1``: never downloads). ``timm:<arch>?pretrained=false``
+  Hugging Face cache (hub offline mode: never downloads). ``timm:<arch>?pretrained=false``
   asks for random weights explicitly; other ``?key=value`` pairs are passed to ``create_model``.
 * ``hf:<dir>`` — a local transformers folder (encoders, ViT classifiers, causal LMs).
 * ``demo:vit-digits``, ``demo:minilm`` — the built-in models (see :mod:`edgecompress.models.demo`).
@@ -25,6 +25,19 @@ from edgecompress.errors import UserError
 from edgecompress.models.targeting import replay, structure_of
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".ckpt"}
+
+
+def hub_offline() -> None:
+    """Never touch the network for weights: Hugging Face Hub offline mode, also when already imported.
+
+    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import; timm or transformers may have
+    imported it before us, so the module constant is set too. Without this a missing cache entry
+    costs ~30 s of HTTP retries before the error.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants as hub_constants
+
+    hub_constants.HF_HUB_OFFLINE = True
 
 
 @dataclass
@@ -108,7 +121,7 @@ def _timm(spec: str, checkpoint: str | None, random_init: bool) -> LoadedModel:
     pretrained = opts.pop("pretrained", True) and not random_init
     if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
         raise UserError(f"timm has no architecture {arch!r}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hub_offline()
     try:
         model = timm.create_model(arch, pretrained=bool(pretrained and not checkpoint), **opts)
     except TypeError as e:
@@ -165,7 +178,7 @@ def _hf(spec: str, folder: Path, random_init: bool = False) -> LoadedModel:
     hf_logging.disable_progress_bar()  # keep stderr to our own lines (errors are one line)
     if not (folder / "config.json").is_file():
         raise UserError(f"{spec}: {folder} is not a transformers model folder (no config.json)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hub_offline()
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     kind = _hf_kind(config)
     auto = _hf_auto(kind)

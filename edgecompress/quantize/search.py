@@ -98,7 +98,9 @@ def smallest_k(mse: torch.Tensor, k: int) -> torch.Tensor:
     index ``i``; several times faster than a stable sort on CPU.
     """
     key = torch.nan_to_num(mse.double(), nan=float("inf"))
-    idx = torch.arange(mse.shape[0], dtype=torch.float64, device=mse.device).reshape(-1, *([1] * (mse.dim() - 1)))
+    idx = torch.arange(mse.shape[0], dtype=torch.float64, device=mse.device).reshape(
+        -1, *([1] * (mse.dim() - 1))
+    )
     key = key + idx * (key.abs() * 2.0**-40 + 2.0**-1060)
     return torch.topk(key, k, dim=0, largest=False, sorted=True).indices
 

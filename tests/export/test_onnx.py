@@ -1,6 +1,6 @@
 """Export to ONNX and verification (oracle: the eager model on the same inputs; thresholds and
-their reasons in :mod:`edgecompress.export.verify`: cosine ≥ 0.999, top-1 agreement ≥ 99.5 %,
-float graphs also max-abs ≤ 1e-3 · max |output|)."""
+their reasons in :mod:`edgecompress.export.verify`: mean cosine ≥ 0.999, top-1 agreement ≥ 99.5 %,
+each sample's cosine ≥ 0.999 (float graphs, also max-abs ≤ 1e-3 · max |output|) or ≥ 0.99 (quantized))."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from edgecompress.errors import UserError
 from edgecompress.export.deploy import export_verified, verification_path
 from edgecompress.export.forms import register_export_form
 from edgecompress.export.runtime import optimized_ops
-from edgecompress.export.verify import check_verification, verify_onnx
+from edgecompress.export.verify import _judge, check_verification, verify_onnx
 from edgecompress.models.loading import LoadedModel
 from edgecompress.quantize.modules import QuantLinear
 from tests.export.conftest import float_models
@@ -115,6 +115,22 @@ def test_verification_of_a_different_model_fails(vit_w8a8, exported):
     assert not v["passed"] and v["failures"]
     with pytest.raises(UserError, match="verification failed"):
         check_verification(v)
+
+
+@pytest.mark.parametrize(
+    "quantized,cos_min,cos_mean,top1,passes",
+    [
+        (True, 0.9984, 0.99995, 100.0, True),  # one sample moved by a boundary-flip cascade
+        (True, 0.98, 0.9999, 100.0, False),  # one sample far off
+        (True, 0.995, 0.998, 100.0, False),  # every sample a little off
+        (True, 0.9999, 0.99999, 99.0, False),  # top-1 disagreements
+        (False, 0.9984, 0.99995, 100.0, False),  # float graphs: no rounding boundaries to excuse
+    ],
+)
+def test_verification_bounds(quantized, cos_min, cos_mean, top1, passes):
+    m = {"cosine_min": cos_min, "cosine_mean": cos_mean, "top1_agreement": top1,
+         "max_abs_error": 0.0, "max_abs_output": 1.0}  # fmt: skip
+    assert (not _judge("image", m, quantized)) == passes
 
 
 class _Mark(nn.Module):

@@ -82,3 +82,11 @@ def test_without_tensorrt_one_line_error(vit, tmp_path, capsys):
     assert main(["export", "demo:vit-digits", "--format", "tensorrt", "--out", str(tmp_path / "d.onnx")]) == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 1 and "TensorRT" in err_lines[0]
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed")
+def test_compress_refuses_a_tensorrt_recipe_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compress", "--model", "demo:vit-digits", "--recipe", "uniform_w8a8_export", "--out", str(out)]
+    assert main(argv + ["--set", "export.format=tensorrt"]) == 2
+    assert "TensorRT" in capsys.readouterr().err and not out.exists()

@@ -25,7 +25,9 @@ def test_forward_equals_pure_functions():
     log = LogQuantizer(4, "logsqrt2").set_params(torch.tensor(0.8))
     assert torch.equal(log(x), fake_quant_logsqrt2(x, torch.tensor(0.8), 4))
     tan = TanQuantizer(4).set_params(torch.tensor(1.0), 0.93)
-    assert torch.equal(tan(x), fake_quant_tanq(x, torch.tensor(1.0), torch.tensor(0.93, dtype=torch.float64), 4))
+    assert torch.equal(
+        tan(x), fake_quant_tanq(x, torch.tensor(1.0), torch.tensor(0.93, dtype=torch.float64), 4)
+    )
 
 
 def test_code_tables_reproduce_forward():
