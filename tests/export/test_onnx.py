@@ -1,6 +1,7 @@
 """Export to ONNX and verification (oracle: the eager model on the same inputs; thresholds and
 their reasons in :mod:`edgecompress.export.verify`: mean cosine ≥ 0.999, top-1 agreement ≥ 99.5 %,
-each sample's cosine ≥ 0.999 (float graphs, also max-abs ≤ 1e-3 · max |output|) or ≥ 0.99 (quantized))."""
+each sample's cosine ≥ 0.999 (float graphs, also max-abs ≤ 1e-3 · max |output|); quantized graphs:
+at most 1 + n // 100 samples below cosine 0.99)."""
 
 from __future__ import annotations
 
@@ -118,18 +119,19 @@ def test_verification_of_a_different_model_fails(vit_w8a8, exported):
 
 
 @pytest.mark.parametrize(
-    "quantized,cos_min,cos_mean,top1,passes",
+    "quantized,cos_min,below,cos_mean,top1,passes",
     [
-        (True, 0.9984, 0.99995, 100.0, True),  # one sample moved by a boundary-flip cascade
-        (True, 0.98, 0.9999, 100.0, False),  # one sample far off
-        (True, 0.995, 0.998, 100.0, False),  # every sample a little off
-        (True, 0.9999, 0.99999, 99.0, False),  # top-1 disagreements
-        (False, 0.9984, 0.99995, 100.0, False),  # float graphs: no rounding boundaries to excuse
+        (True, 0.9984, 0, 0.99995, 100.0, True),  # one sample moved a little by a boundary flip
+        (True, 0.94, 1, 0.9998, 100.0, True),  # one flip cascade (measured on adalog W4A4)
+        (True, 0.94, 2, 0.9998, 100.0, False),  # two of 64 is no longer rare
+        (True, 0.995, 0, 0.998, 100.0, False),  # every sample a little off
+        (True, 0.9999, 0, 0.99999, 99.0, False),  # top-1 disagreements
+        (False, 0.9984, 0, 0.99995, 100.0, False),  # float graphs: no rounding boundaries to excuse
     ],
 )
-def test_verification_bounds(quantized, cos_min, cos_mean, top1, passes):
-    m = {"cosine_min": cos_min, "cosine_mean": cos_mean, "top1_agreement": top1,
-         "max_abs_error": 0.0, "max_abs_output": 1.0}  # fmt: skip
+def test_verification_bounds(quantized, cos_min, below, cos_mean, top1, passes):
+    m = {"samples": 64, "cosine_min": cos_min, "samples_below_cosine_floor": below, "cosine_mean": cos_mean,
+         "top1_agreement": top1, "max_abs_error": 0.0, "max_abs_output": 1.0}  # fmt: skip
     assert (not _judge("image", m, quantized)) == passes
 
 
