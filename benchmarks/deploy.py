@@ -131,6 +131,7 @@ def _ort_quantized(loaded: LoadedModel, fp32: Path, batches: list, out: Path, tu
 
 def export_variants(name: str, work: Path) -> tuple[LoadedModel, dict[str, Path], dict]:
     """Every ONNX file of one model, and how long each step took."""
+    torch.manual_seed(0)  # the same random DeiT weights in every run
     loaded = load_model(MODELS[name])
     batches = _calibration(loaded)
     files, seconds = {}, {}
