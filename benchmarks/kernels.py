@@ -25,16 +25,26 @@ import datetime
 import inspect
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_timing import (  # noqa: E402
+    DEVICE,
+    _bench,
+    _bench_graph,
+    _bench_pair,
+    _check,
+    _cuda_kernels,
+    _matmul_peak,
+    _meta,
+    _peak_mem,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-DEVICE = "cuda"
-QUANTILES = [0.5, 0.2, 0.8]
 BLOCK = 64
 N_LEARNERS = 4
 # bf16 attention outputs of random data are ~0.02-0.1; two correct kernels differ by ~1e-3 at most,
@@ -72,77 +82,6 @@ def _parse(argv):
     p.add_argument("--flex-max-autotune", action="store_true", help="compile FlexAttention with max-autotune")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return p.parse_args(argv)
-
-
-def _bench(fn) -> dict:
-    from triton.testing import do_bench
-
-    p50, p20, p80 = do_bench(fn, warmup=50, rep=200, quantiles=QUANTILES)
-    return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
-
-
-def _bench_pair(fn_a, fn_b) -> tuple[dict, dict]:
-    """Time A, B, A, B back to back and keep, for each, the run with the lower median."""
-    runs_a, runs_b = [], []
-    for _ in range(2):
-        runs_a.append(_bench(fn_a))
-        runs_b.append(_bench(fn_b))
-    return min(runs_a, key=lambda r: r["median_ms"]), min(runs_b, key=lambda r: r["median_ms"])
-
-
-def _bench_graph(fn) -> dict | str:
-    """GPU time without CPU launch overhead: fn captured in a CUDA graph (do_bench_cudagraph)."""
-    from triton.testing import do_bench_cudagraph
-
-    try:
-        p50, p20, p80 = do_bench_cudagraph(fn, rep=100, quantiles=QUANTILES)
-    except Exception as err:  # report, do not hide, a capture failure
-        return f"capture failed: {type(err).__name__}: {err}"[:200]
-    return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
-
-
-def _check(name, got, want, atol, rtol):
-    """Refuse to time an implementation whose output disagrees with another one, element-wise:
-    |got - want| <= atol + rtol * |want| everywhere (NaN fails)."""
-    diff = (got.float() - want.float()).abs()
-    ok = diff <= atol + rtol * want.float().abs()
-    if not bool(ok.all()):
-        worst = diff.nan_to_num(float("inf")).max().item()
-        raise RuntimeError(f"{name}: {int((~ok).sum())} elements differ (max {worst:.3g}); not timing it")
-
-
-def _meta() -> dict:
-    import triton
-
-    def smi(field):
-        cmd = [
-            "nvidia-smi",
-            f"--query-gpu={field}",
-            "--format=csv,noheader",
-            f"--id={torch.cuda.current_device()}",
-        ]
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-        except (OSError, subprocess.SubprocessError):
-            return "unknown"
-
-    return {
-        "device": torch.cuda.get_device_name(),
-        "driver": smi("driver_version"),
-        "clocks_sm_mhz": smi("clocks.sm"),
-        "clocks_max_sm_mhz": smi("clocks.max.sm"),
-        "power_limit": smi("power.limit"),
-        "cuda_runtime": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "timing": "triton.testing.do_bench(warmup=50 ms, rep=200 ms, quantiles=[0.5, 0.2, 0.8])",
-    }
-
-
-def _matmul_peak() -> float:
-    a, b = (torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
-    return 2 * 8192**3 / (_bench(lambda: a @ b)["median_ms"] * 1e-3) / 1e12
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -195,15 +134,6 @@ def _sdpa_flash(q, k, v, causal):
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if flash cannot run these inputs
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-
-def _cuda_kernels(fn) -> list[str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
 
 
 def bench_attention(quick: bool, flex_mode: str | None, peak: float) -> tuple[list[dict], dict]:
@@ -327,15 +257,6 @@ def _pooled_case(q, k, v, causal) -> dict:
     else:
         row["reference"] = f"skipped: needs about {ref_bytes / 2**30:.0f} GiB"
     return row
-
-
-def _peak_mem(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def _pooled_line(r) -> str:
