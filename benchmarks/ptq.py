@@ -124,6 +124,8 @@ def bench_deit_small(kw: dict) -> dict:
         "bits": 4,
         "calib_s": round(secs, 1),
         "load_avg": load,
+        "threads": kw["threads"],
+        "max_tokens": kw["max_tokens"],
     }
 
 
@@ -141,15 +143,15 @@ def table(rows: list[dict]) -> str:
 
 
 def _merge(path: Path, rows: list[dict]) -> list[dict]:
-    """Keep the rows of an earlier run today for (model, method, bits) this run did not measure."""
+    """Keep the rows of an earlier run today for (model, method, bits, max_tokens) this run did not measure."""
     if not path.is_file():
         return rows
-    mine = {(r["model"], r["method"], r["bits"]) for r in rows}
-    old = [
-        r
-        for r in json.loads(path.read_text()).get("rows", [])
-        if (r["model"], r["method"], r["bits"]) not in mine
-    ]
+
+    def key(r: dict) -> tuple:
+        return r["model"], r["method"], r["bits"], r.get("max_tokens")
+
+    mine = {key(r) for r in rows}
+    old = [r for r in json.loads(path.read_text()).get("rows", []) if key(r) not in mine]
     return old + rows
 
 
