@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgecompress.calib import capture_inputs
 from edgecompress.models.attention import AttentionMatmuls
 from edgecompress.quantize.reparam import reparameterize_
 
@@ -169,22 +170,14 @@ def capture(
 ) -> Captured:
     """Inputs of each named module over the loop (one tensor per call), limited to the first
     ``max_samples`` samples (a module called once per model call; Swin windows stay batch-major)."""
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     calls: list[tuple[int, torch.Tensor | None]] = []
-    hooks = [
-        model.register_forward_pre_hook(lambda m, a, kw: calls.append(_batch_info(a, kw)), with_kwargs=True)
-    ]
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(_batch_info(a, kw)), with_kwargs=True
+    )
     try:
-        for n in names:
-            hooks.append(
-                model.get_submodule(n).register_forward_pre_hook(
-                    lambda m, a, s=seen[n]: s.append(a[0].detach())
-                )
-            )
-        forward_loop(model)
+        seen = capture_inputs(model, names, forward_loop)
     finally:
-        for h in hooks:
-            h.remove()
+        hook.remove()
     sizes = [b for b, _ in calls]
     masks = _first_samples([m if m is not None else torch.empty(b, 0) for b, m in calls], sizes, max_samples)
     masks = [m if m.numel() else None for m in masks]
