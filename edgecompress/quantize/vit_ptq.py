@@ -41,6 +41,7 @@ from edgecompress.pipeline import Context, register_pass
 from edgecompress.quantize.modules import sqnr_db
 from edgecompress.quantize.ptq import check_bits, quantize_linears_
 from edgecompress.quantize.reparam import GELU_SHIFT
+from edgecompress.quantize.vit_ptq_attn import search_probs_v, search_qk
 from edgecompress.quantize.vit_ptq_install import install_attention, install_linear
 from edgecompress.quantize.vit_ptq_model import (
     ATTN_POINTS,
@@ -49,16 +50,10 @@ from edgecompress.quantize.vit_ptq_model import (
     block_key,
     call_model,
     capture,
-    cat_padded,
     discover_units,
     fold_verified_,
 )
-from edgecompress.quantize.vit_ptq_objectives import (
-    channel_act_search,
-    search_linear,
-    search_probs_v,
-    search_qk,
-)
+from edgecompress.quantize.vit_ptq_objectives import channel_act_search, search_linear
 
 SoftmaxQ = Literal["adalog", "log2", "logsqrt2", "tanq", "uniform"]
 PostGelu = Literal["adalog", "uniform"]
@@ -125,22 +120,23 @@ class _Calibrator:
         shift = GELU_SHIFT if (u.post_gelu and cfg.post_gelu == "adalog") else None
         p = search_linear(x, w, cfg.w_bits, cfg.a_bits, cfg.search_rounds, shift)
         info["layer_sqnr_db"] = _db(p.ref_power, p.mse)
+        info["search_rounds"] = p.rounds
         self.installs.append(lambda: install_linear(self.model, u.names, p, cfg.w_bits, cfg.a_bits, info))
 
     def _attention(self, u: AttnUnit, cache) -> None:
         cfg = self.cfg
-        q, k, v, a = (cat_padded(cache.inputs[f"{u.name}.{p}"]).float() for p in ATTN_POINTS)  # [B, H, N, ·]
-        if k.shape[1] != q.shape[1]:
+        groups = cache.attention_groups([f"{u.name}.{p}" for p in ATTN_POINTS])  # padding dropped
+        q, k, v, a = ([g[i].float() for g in groups] for i in range(4))  # [B_g, H, N_g, ·] each
+        if k[0].shape[1] != q[0].shape[1]:
             raise UserError(
                 f"{u.name}: grouped-query attention is not supported by {cfg.name} (use uniform_ptq)"
             )
-        if cfg.max_tokens is not None and q.shape[0] * q.shape[2] > cfg.max_tokens:
-            rows = (
-                torch.randperm(q.shape[2], generator=self.gen)[: max(1, cfg.max_tokens // q.shape[0])]
-                .sort()
-                .values
-            )
-            q, a = q[:, :, rows], a[:, :, rows]
+        samples = sum(x.shape[0] for x in q)
+        if cfg.max_tokens is not None and sum(x.shape[0] * x.shape[2] for x in q) > cfg.max_tokens:
+            per_sample = max(1, cfg.max_tokens // samples)  # query rows kept per sample
+            for i, x in enumerate(q):
+                rows = torch.randperm(x.shape[2], generator=self.gen)[:per_sample].sort().values
+                q[i], a[i] = x[:, :, rows], a[i][:, :, rows]
         qk = search_qk(q, k, cfg.a_bits, cfg.search_rounds)
         av = search_probs_v(a, v, cfg.a_bits, cfg.a_bits, cfg.softmax_quantizer, cfg.search_rounds)
         self.installs.append(

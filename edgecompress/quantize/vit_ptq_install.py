@@ -10,7 +10,8 @@ from edgecompress.models.targeting import replace_module
 from edgecompress.quantize.log_modules import AdaLogQuantizer, LogQuantizer, TanQuantizer
 from edgecompress.quantize.modules import UniformQuantizer, sqnr_db
 from edgecompress.quantize.reparam import fold_shift_into_bias_
-from edgecompress.quantize.vit_ptq_objectives import LinearParams, MatmulParams
+from edgecompress.quantize.vit_ptq_attn import MatmulParams
+from edgecompress.quantize.vit_ptq_objectives import LinearParams
 
 
 def _uniform(
@@ -69,5 +70,10 @@ def install_attention(
         "probs_point": (_probs_quantizer(kind, bits, av.left), av_db),
     }
     for point, (mod, db) in mods.items():
-        mod.stats = {"layer_sqnr_db": db, "matmul": "q@k^T" if point in ("q_point", "k_point") else "A@V"}
+        pair = qk if point in ("q_point", "k_point") else av
+        mod.stats = {
+            "layer_sqnr_db": db,
+            "matmul": "q@k^T" if pair is qk else "A@V",
+            "search_rounds": pair.rounds,
+        }
         replace_module(model, f"{name}.{point}", mod)

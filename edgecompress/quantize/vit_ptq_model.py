@@ -164,6 +164,31 @@ class Captured:
                 rows.append(t.reshape(-1, t.shape[-1]))
         return torch.cat(rows)
 
+    def attention_groups(self, names: list[str]) -> list[tuple[torch.Tensor, ...]]:
+        """The attention operands ``names`` (q, k, v, probs: ``[b, H, N, ·]`` per call) grouped by
+        shape: tuples of ``[B_g, H, N_g, ·]``, smallest first. Where a call has an attention mask
+        ``[b, N]``, each sample keeps only its real tokens (rows of q, k, v; rows and columns of
+        the probabilities) and samples with equal token counts are stacked."""
+        groups: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+        for i, ts in enumerate(zip(*(self.inputs[n] for n in names))):
+            m = self.masks[i] if i < len(self.masks) else None
+            if m is None or not _mask_fits(m, ts):
+                groups.setdefault(tuple(t.shape[1:] for t in ts), []).append(ts)
+                continue
+            for j, keep in enumerate(m.bool()):
+                if keep.any():
+                    part = tuple(t[j : j + 1, :, keep] for t in ts[:-1]) + (
+                        ts[-1][j : j + 1, :, keep][..., keep],
+                    )
+                    groups.setdefault(tuple(t.shape[1:] for t in part), []).append(part)
+        return [tuple(torch.cat(p) for p in zip(*groups[key])) for key in sorted(groups)]
+
+
+def _mask_fits(mask: torch.Tensor, ts: tuple[torch.Tensor, ...]) -> bool:
+    """A ``[b, N]`` mask applies to q, k, v ``[b, H, N, D]`` and probabilities ``[b, H, N, N]``."""
+    b, n = mask.shape
+    return all(t.dim() == 4 and t.shape[0] == b and t.shape[2] == n for t in ts) and ts[-1].shape[3] == n
+
 
 def capture(
     model: nn.Module, names: list[str], forward_loop: Callable[[nn.Module], None], max_samples: int
@@ -195,17 +220,6 @@ def _first_samples(ts: list[torch.Tensor], sizes: list[int], max_samples: int) -
         out.append(t if take == b else t[: t.shape[0] * take // b])
         left -= take
     return out
-
-
-def cat_padded(ts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along dim 0, zero-padding the other dims to their maximum (text batches differ
-    in length). Zeros are exact in every quantizer here, so padded rows add no error."""
-    shape = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
-    padded = []
-    for t in ts:
-        pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
-        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
-    return torch.cat(padded)
 
 
 def _snapshot(mods: list[nn.Module]) -> list[tuple]:

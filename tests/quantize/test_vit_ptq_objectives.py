@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgecompress.quantize import vit_ptq_attn as va
 from edgecompress.quantize import vit_ptq_objectives as vo
 from edgecompress.quantize.log import (
     dequantize_adalog,
@@ -94,7 +95,7 @@ def test_left_operand_score_equals_direct(d, m):
     ref = x @ y.transpose(-2, -1)
     y_hat = y + 0.05 * torch.randn_like(y)
     quant = lambda t, s, z: fq_uniform(t, s, z, 4)  # noqa: E731
-    score = vo.left_operand_score(x, y_hat, ref, quant, per_head=True)
+    score = va.left_operand_score(x, y_hat, ref, quant, per_head=True)
     s = torch.rand(4, 3, generator=g) * 0.5 + 0.1
     z = torch.full((4, 3), 8.0)
     xq = fq_uniform(x, s[:, None, :, None, None], z[:, None, :, None, None], 4)
@@ -149,7 +150,7 @@ def test_search_probs_v_all_kinds(kind):
     g = _gen(6)
     q, k, v = (torch.randn(2, 3, 17, 8, generator=g) for _ in range(3))
     a = (q @ k.transpose(-2, -1) * 2).softmax(-1)
-    p = vo.search_probs_v(a, v, 4, 4, kind, rounds=2)
+    p = va.search_probs_v(a, v, 4, 4, kind, rounds=2)
     assert p.right["scale"].shape == (3,)
     default = {"adalog": {"param": torch.tensor(37.0)}, "tanq": {"param": torch.tensor(0.5)}}.get(
         kind, {"param": torch.tensor(1.0), "scale": torch.tensor(1 / 15), "zero_point": torch.tensor(0.0)}
@@ -159,7 +160,7 @@ def test_search_probs_v_all_kinds(kind):
     lo = v.transpose(0, 1).reshape(3, -1).amin(1).reshape(1, 3, 1, 1)
     hi = v.transpose(0, 1).reshape(3, -1).amax(1).reshape(1, 3, 1, 1)
     vs, vz = params_from_range(lo, hi, 4)
-    base = vo.probs_quantize(a, kind, default, 4) @ fq_uniform(v, vs, vz, 4)
+    base = va.probs_quantize(a, kind, default, 4) @ fq_uniform(v, vs, vz, 4)
     assert p.mse <= float((base - a @ v).pow(2).mean())
 
 
@@ -168,9 +169,9 @@ def test_search_qk_improves_on_self_mse():
     g = _gen(7)
     q = torch.randn(2, 4, 17, 8, generator=g)
     k = torch.randn(2, 4, 17, 8, generator=g) * 2
-    p = vo.search_qk(q, k, 4, rounds=2)
-    (qs, qz), (ks, kz) = vo._heads_self(q, 4), vo._heads_self(k, 4)
-    hv = vo._head_view
+    p = va.search_qk(q, k, 4, rounds=2)
+    (qs, qz), (ks, kz) = va._heads_self(q, 4), va._heads_self(k, 4)
+    hv = va._head_view
     base = fq_uniform(q, hv(qs), hv(qz), 4) @ fq_uniform(k, hv(ks), hv(kz), 4).transpose(-2, -1)
     assert p.mse <= float((base - q @ k.transpose(-2, -1)).pow(2).mean())
 
@@ -181,3 +182,105 @@ def test_channel_act_search_free_offsets():
     s, z = vo.channel_act_search(x, 4)
     err = (fq_uniform(x, s, z, 4) - x).pow(2).mean(0)
     assert (err < (1 / 15) ** 2 / 12 * 1.5).all()
+
+
+def _unstopped_linear(x, w, bits, rounds):
+    """search_linear's alternation run for every round, no fixed-point stop (the oracle)."""
+    from edgecompress.quantize.search import fpcs, percentile_ranges
+
+    s, z = vo.self_fpcs(x.reshape(1, -1), bits)
+    act = {"scale": s[0], "zero_point": z[0]}
+    ranges, w_ranges = percentile_ranges(x.reshape(1, -1)), percentile_ranges(w)
+    for _ in range(rounds):
+        ws, wz, _ = fpcs(vo.weight_output_score(vo.act_quantize(x, act, bits), x, w, bits), w_ranges, bits)
+        act = vo._search_act(x, fq_uniform(w, ws[:, None], wz[:, None], bits), w, bits, act, ranges)
+    return ws, wz, act
+
+
+def test_fixed_point_stop_equals_all_rounds():
+    """Oracle: the alternation run for all 6 rounds; the stopped search must return bit-identical
+    parameters after fewer rounds (this layer reaches its fixed point in round 3)."""
+    g = _gen(1)
+    x = torch.randn(300, 32, generator=g)
+    x[:, 5] *= 6
+    w = torch.randn(40, 32, generator=g) / 6
+    p = vo.search_linear(x, w, 4, 4, rounds=6)
+    ws, wz, act = _unstopped_linear(x, w, 4, 6)
+    assert p.rounds < 6
+    assert torch.equal(p.w_scale, ws) and torch.equal(p.w_zp, wz)
+    assert all(torch.equal(p.act[k], act[k]) for k in act)
+
+
+def test_qk_fixed_point_stop_equals_all_rounds():
+    # oracle: the Q/K alternation run for all 6 rounds without the stop; bit-identical parameters
+    g = _gen(10)
+    q, k = torch.randn(2, 3, 15, 8, generator=g), torch.randn(2, 3, 15, 8, generator=g) * 2
+    p = va.search_qk(q, k, 4, rounds=6)
+    ref = q @ k.transpose(-2, -1)
+    ks, kz = va._heads_self(k, 4)
+    hv = va._head_view
+    for _ in range(6):
+        qs, qz = va._fpcs_operand([q], [fq_uniform(k, hv(ks), hv(kz), 4)], [ref], 4)
+        ks, kz = va._fpcs_operand([k], [fq_uniform(q, hv(qs), hv(qz), 4)], [ref.transpose(-2, -1)], 4)
+    assert p.rounds < 6
+    assert torch.equal(p.left["scale"], qs) and torch.equal(p.right["scale"], ks)
+    assert torch.equal(p.left["zero_point"], qz) and torch.equal(p.right["zero_point"], kz)
+
+
+def test_left_operand_score_over_groups_equals_direct():
+    """Oracle: the squared output error summed over every entry of every group, divided by the
+    number of entries (per head); tolerance 1e-4 relative. Groups differ in sequence length."""
+    g = _gen(11)
+    xs = [torch.randn(2, 3, n, 8, generator=g) for n in (5, 19)]
+    ys = [torch.randn(2, 3, n, 8, generator=g) for n in (5, 19)]  # key length = query length
+    refs = [x @ y.transpose(-2, -1) for x, y in zip(xs, ys)]
+    y_hats = [y + 0.05 * torch.randn(y.shape, generator=g) for y in ys]
+    quant = lambda t, s, z: fq_uniform(t, s, z, 4)  # noqa: E731
+    s = torch.rand(4, 3, generator=g) * 0.5 + 0.1
+    z = torch.full((4, 3), 7.0)
+    got = va.left_operand_score(xs, y_hats, refs, quant, per_head=True)(s, z)
+    sq = [
+        (fq_uniform(x, s[:, None, :, None, None], z[:, None, :, None, None], 4) @ yh.transpose(-2, -1) - r)
+        .pow(2)
+        .sum((1, 3, 4))
+        for x, yh, r in zip(xs, y_hats, refs)
+    ]
+    count = sum(r.numel() // 3 for r in refs)
+    torch.testing.assert_close(got, (sq[0] + sq[1]) / count, rtol=1e-4, atol=1e-7)
+
+
+def _padded_call(lengths, n_max, pad_value, seed=12):
+    """q, k, v, softmax of a batch padded to ``n_max`` with ``pad_value`` in every padded slot."""
+    g = _gen(seed)
+    b, h, d = len(lengths), 2, 4
+    mask = torch.zeros(b, n_max, dtype=torch.long)
+    q, k, v = (torch.full((b, h, n_max, d), pad_value) for _ in range(3))
+    a = torch.full((b, h, n_max, n_max), pad_value)
+    for i, n in enumerate(lengths):
+        mask[i, n_max - n :] = 1  # left padding, as decoder tokenizers do
+        real = slice(n_max - n, n_max)
+        for t in (q, k, v):
+            t[i, :, real] = torch.randn(h, n, d, generator=g)
+        a[i, :, real, real] = (q[i, :, real] @ k[i, :, real].transpose(-2, -1)).softmax(-1)
+    return (q, k, v, a), mask
+
+
+def test_attention_groups_drop_padding():
+    """Oracle: two captures that differ only in the values of padded slots (0 vs 1e3) must give
+    identical groups, shaped by the real lengths; the searches on them are then identical too."""
+    from edgecompress.quantize.vit_ptq_model import Captured
+
+    names = ["q", "k", "v", "a"]
+    caps = []
+    for pad in (0.0, 1e3):
+        ts, mask = _padded_call([3, 6, 3], 7, pad)
+        ts2, mask2 = _padded_call([5], 5, pad, seed=13)  # a second call, no padding
+        caps.append(Captured({n: [t, t2] for n, t, t2 in zip(names, ts, ts2)}, [mask, mask2]))
+    groups = [c.attention_groups(names) for c in caps]
+    assert [tuple(gr[0].shape) for gr in groups[0]] == [(2, 2, 3, 4), (1, 2, 5, 4), (1, 2, 6, 4)]
+    assert [tuple(gr[3].shape) for gr in groups[0]] == [(2, 2, 3, 3), (1, 2, 5, 5), (1, 2, 6, 6)]
+    for g0, g1 in zip(*groups):
+        assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    torch.testing.assert_close(groups[0][0][3].sum(-1), torch.ones(2, 2, 3))  # real rows sum to 1
+    q, k = ([gr[i] for gr in groups[1]] for i in range(2))
+    assert va.search_qk(q, k, 4, rounds=2).mse < 0.1  # no pad value (1e3) leaked into a range
