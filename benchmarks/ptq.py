@@ -15,6 +15,9 @@ Rows: ``uniform`` (uniform_ptq, min/max), ``log2-softmax`` (repq_vit with FQ-ViT
   shared CPU, multi-threaded small ops can wait for a descheduled thread (see vit_ptq.calibrate_).
 * ``--deit-small``: calibration time of adalog W4A4 on timm:deit_small_patch16_224 with random
   weights and 32 random 224×224 images (accuracy is meaningless there, the time is the point).
+  ``--deit-blocks N`` keeps only its first N of 12 blocks (identical shapes), for CPUs where the
+  whole model at the default (every calibration token) does not fit the time at hand; the row
+  says how many blocks ran.
 
 The table is printed and written, with the machine, torch/timm versions and date, to
 ``benchmarks/results/ptq-<machine>-<date>.json``.
@@ -28,6 +31,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +68,7 @@ def _parse(argv):
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for the passes (0: torch's)")
     p.add_argument("--max-tokens", type=int, default=None, help="subsample calibration tokens (default: all)")
     p.add_argument("--deit-small", action="store_true", help="also time adalog W4A4 on deit_small (random)")
+    p.add_argument("--deit-blocks", type=int, default=None, help="time only deit_small's first N blocks")
     p.add_argument("--quick", action="store_true", help="W4A4 only, vit-digits only")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return p.parse_args(argv)
@@ -108,8 +113,11 @@ def bench_model(spec: str, methods: list[str], bits: list[int], kw: dict) -> lis
     return rows
 
 
-def bench_deit_small(kw: dict) -> dict:
+def bench_deit_small(kw: dict, blocks: int | None) -> dict:
     loaded = load_model("timm:deit_small_patch16_224?pretrained=false")
+    total = len(loaded.model.blocks)
+    if blocks is not None:
+        loaded.model.blocks = loaded.model.blocks[:blocks]
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(CALIB_SAMPLES, 3, 224, 224, generator=gen)]
     ctx = make_context(batches, loaded.call, torch.device("cpu"))
@@ -117,9 +125,13 @@ def bench_deit_small(kw: dict) -> dict:
     t0 = time.perf_counter()
     run(loaded.model, [AdaLogPTQ(w_bits=4, a_bits=4, **kw)], ctx)
     secs = time.perf_counter() - t0
-    print(f"deit_small_patch16_224 (random) adalog W4A4: calib {secs:.1f}s (load {load:.1f})", flush=True)
+    ran = len(loaded.model.blocks)
+    print(
+        f"deit_small_patch16_224 (random, {ran}/{total} blocks) adalog W4A4: calib {secs:.1f}s (load {load:.1f})"
+    )
     return {
         "model": "timm:deit_small_patch16_224 (random weights)",
+        "blocks": f"{ran}/{total}",
         "method": "adalog",
         "bits": 4,
         "calib_s": round(secs, 1),
@@ -143,16 +155,33 @@ def table(rows: list[dict]) -> str:
 
 
 def _merge(path: Path, rows: list[dict]) -> list[dict]:
-    """Keep the rows of an earlier run today for (model, method, bits, max_tokens) this run did not measure."""
+    """Keep the rows of an earlier run today for (model, method, bits, max_tokens, blocks) this run did not
+    measure (each row names the commit that produced it)."""
     if not path.is_file():
         return rows
 
     def key(r: dict) -> tuple:
-        return r["model"], r["method"], r["bits"], r.get("max_tokens")
+        return r["model"], r["method"], r["bits"], r.get("max_tokens"), r.get("blocks")
 
     mine = {key(r) for r in rows}
     old = [r for r in json.loads(path.read_text()).get("rows", []) if key(r) not in mine]
     return old + rows
+
+
+def _commit() -> str:
+    """The checked-out commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "edgecompress"], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _meta(threads: int) -> dict:
@@ -181,7 +210,9 @@ def main(argv=None) -> int:
     for m in models:
         rows += bench_model(f"demo:{m}", args.methods, bits, kw)
     if args.deit_small:
-        rows.append(bench_deit_small(kw))
+        rows.append(bench_deit_small(kw, args.deit_blocks))
+    commit = _commit()
+    rows = [{**r, "commit": commit} for r in rows]
     meta = _meta(args.threads)
     print(table(rows))
     args.out.mkdir(parents=True, exist_ok=True)

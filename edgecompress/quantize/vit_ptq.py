@@ -15,13 +15,16 @@ tensor; Q/K/V per head). All searched with FPCS against the layer's output MSE o
 
 Procedure: make attention explicit; swap targeted Linears for QuantLinear; find the units
 (:mod:`~edgecompress.quantize.vit_ptq_model`); then, block by block in module order, capture the
-block's float inputs (first ``calib_samples`` samples of the loop) and search each unit
-(:mod:`~edgecompress.quantize.vit_ptq_objectives`). Post-LN inputs are first calibrated per
-channel, folded into the LayerNorm and its Linears (kept only if the model output is unchanged),
-then searched per tensor. Quantizers are installed after every block is calibrated, so all
-searches see full-precision inputs as in the official code. The report carries, per quantizer,
-the layer's output SQNR on float inputs (``layer_sqnr_db``) and, for Linears, the SQNR of the
-layer output inside the fully quantized model (``model_sqnr_db``) on up to 8 example samples.
+block's float inputs (first ``calib_samples`` samples of the loop; padding tokens of text batches
+dropped, attention operands grouped by sequence length) and search each unit
+(:mod:`~edgecompress.quantize.vit_ptq_objectives`, :mod:`~edgecompress.quantize.vit_ptq_attn`).
+Post-LN inputs are first calibrated per channel, folded into the LayerNorm and its Linears (kept
+only if the model output is unchanged), then searched per tensor. Quantizers are installed after
+every block is calibrated, so all searches see full-precision inputs as in the official code. The
+report carries, per quantizer, the layer's output SQNR on float inputs (``layer_sqnr_db``), the
+alternation rounds its search ran (``search_rounds``; fewer than asked where it reached a fixed
+point) and, for Linears, the SQNR of the layer output inside the fully quantized model
+(``model_sqnr_db``) on up to 8 example samples.
 
 Not quantized here: convolutions (the patch embedding stays float; the papers quantize its weights
 and 8-bit input) and grouped-query attention (K/V with fewer heads than Q is refused).

@@ -186,6 +186,8 @@ class Captured:
 
 def _mask_fits(mask: torch.Tensor, ts: tuple[torch.Tensor, ...]) -> bool:
     """A ``[b, N]`` mask applies to q, k, v ``[b, H, N, D]`` and probabilities ``[b, H, N, N]``."""
+    if mask.dim() != 2:
+        return False
     b, n = mask.shape
     return all(t.dim() == 4 and t.shape[0] == b and t.shape[2] == n for t in ts) and ts[-1].shape[3] == n
 

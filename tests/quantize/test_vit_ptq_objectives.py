@@ -284,3 +284,13 @@ def test_attention_groups_drop_padding():
     torch.testing.assert_close(groups[0][0][3].sum(-1), torch.ones(2, 2, 3))  # real rows sum to 1
     q, k = ([gr[i] for gr in groups[1]] for i in range(2))
     assert va.search_qk(q, k, 4, rounds=2).mse < 0.1  # no pad value (1e3) leaked into a range
+
+
+def test_attention_groups_without_a_usable_mask_keep_every_token():
+    # oracle: the call's own tensors — an extended [b, 1, 1, N] mask or none leaves them whole
+    from edgecompress.quantize.vit_ptq_model import Captured
+
+    ts, mask = _padded_call([2, 4], 4, 0.5)
+    for m in (None, mask[:, None, None, :]):
+        groups = Captured(dict(zip("qkva", ([t] for t in ts))), [m]).attention_groups(list("qkva"))
+        assert len(groups) == 1 and all(torch.equal(a, b) for a, b in zip(groups[0], ts))
