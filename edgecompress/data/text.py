@@ -1,8 +1,9 @@
 """Text data, offline: a built-in English set from the Python standard library's docstrings, or a file.
 
-The built-in set is deterministic for a given Python version: paragraphs of the docstrings of a
-fixed list of modules, kept when they have 8–80 words, shuffled with seed 0; ``train`` is the first
-half and ``test`` the second.
+The built-in set is deterministic for a given Python version, whatever the process imported before:
+paragraphs of the docstrings of a fixed list of modules and of the classes and functions they
+define (not of their submodules), kept when they have 8–80 words, shuffled with seed 0; ``train``
+is the first half and ``test`` the second.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ def builtin_texts() -> list[str]:
     seen, texts = set(), []
     for name in BUILTIN_MODULES:
         mod = importlib.import_module(name)
-        objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+        attrs = [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+        # submodules are skipped: whether ``logging.handlers`` is an attribute of ``logging`` depends
+        # on what the process imported before, and the set must not
+        objs = [mod] + [a for a in attrs if not inspect.ismodule(a)]
         for obj in objs:
             doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and (
-                inspect.ismodule(obj) or getattr(obj, "__module__", None) == mod.__name__
-            ):
+            if isinstance(doc, str) and (obj is mod or getattr(obj, "__module__", None) == mod.__name__):
                 for p in _paragraphs(doc):
                     if p not in seen:
                         seen.add(p)

@@ -61,6 +61,25 @@ def test_builtin_text_is_real_deterministic_english():
     assert not set(train) & set(test) and len(train) + len(test) == len(texts)
 
 
+def test_builtin_text_ignores_what_was_imported_before():
+    """Oracle: the set built in a fresh interpreter; one that first imports submodules of the source
+    modules (``logging.handlers``, ``unittest.mock``, ...) must build the same list (it used to grow)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json{}; from edgecompress.data.text import builtin_texts; print(json.dumps(builtin_texts()))"
+    )
+    extra = ", logging.handlers, unittest.mock, json.tool, email.mime.text, http.cookies, concurrent.futures"
+    fresh, loaded = (
+        subprocess.run(
+            [sys.executable, "-c", code.format(e)], capture_output=True, text=True, check=True
+        ).stdout
+        for e in ("", extra)
+    )
+    assert fresh == loaded and len(fresh) > 1000
+
+
 def test_text_file(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("first line\n\n  second line  \n")
