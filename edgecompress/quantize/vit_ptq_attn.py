@@ -9,7 +9,8 @@ Operands come as *groups*: a list of tensors ``[B_g, H, N_g, ·]``, one per dist
 (:meth:`~edgecompress.quantize.vit_ptq_model.Captured.attention_groups` drops padding tokens and
 groups samples of equal length); a single tensor is one group. Every error is summed over all
 groups and divided by the number of real output entries, so padded positions of text batches
-neither count nor cost (MiniLM's 32 calibration texts: 1,192 real tokens of 3,840 padded slots).
+neither count nor cost
+(text batches pad every sample to the longest one, often several times its length).
 
 Two choices the paper and code leave open, both exact:
 
