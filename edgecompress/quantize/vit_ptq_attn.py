@@ -37,7 +37,7 @@ from edgecompress.quantize.search import (
 )
 from edgecompress.quantize.tan import tanq_alpha_candidates
 from edgecompress.quantize.vit_ptq_fastq import fq_adalog, fq_log, fq_tanq, fq_uniform
-from edgecompress.quantize.vit_ptq_objectives import Quant, chunk_size, self_fpcs
+from edgecompress.quantize.vit_ptq_objectives import Quant, chunk_size, same_params, self_fpcs
 
 Groups = list[torch.Tensor]
 
@@ -186,10 +186,6 @@ def _mse_power(outs: Groups, refs: Groups) -> tuple[float, float]:
     return err / n, sum(float(r.pow(2).sum()) for r in refs) / n
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    return all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in zip(a, b))
-
-
 def search_qk(q: torch.Tensor | Groups, k: torch.Tensor | Groups, bits: int, rounds: int = 3) -> MatmulParams:
     """Per-head uniform Q and K of ``q kᵀ`` ([B, H, N, D] each, or groups of them): self pre-search,
     then up to ``rounds`` × (Q by output MSE, K by output MSE), stopping at a fixed point."""
@@ -201,7 +197,7 @@ def search_qk(q: torch.Tensor | Groups, k: torch.Tensor | Groups, bits: int, rou
         done += 1
         qs, qz = _fpcs_operand(qs_, _heads_quant(ks_, ks, kz, bits), refs, bits)
         new_ks, new_kz = _fpcs_operand(ks_, _heads_quant(qs_, qs, qz, bits), _t(refs), bits)
-        fixed = _same((new_ks, new_kz), (ks, kz))
+        fixed = same_params((new_ks, new_kz), (ks, kz))
         ks, kz = new_ks, new_kz
         if fixed:
             break
@@ -245,7 +241,7 @@ def search_probs_v(
         a_params = _search_probs(kind, as_, flat, _heads_quant(vs_, vs, vz, v_bits), refs, a_bits)
         a_hat = [probs_quantize(x, kind, a_params, a_bits) for x in as_]
         new_vs, new_vz = _fpcs_operand(_t(vs_), a_hat, _t(refs), v_bits)
-        fixed = _same((new_vs, new_vz), (vs, vz))
+        fixed = same_params((new_vs, new_vz), (vs, vz))
         vs, vz = new_vs, new_vz
         if fixed:
             break

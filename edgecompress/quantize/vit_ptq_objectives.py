@@ -43,6 +43,12 @@ CHUNK_ELEMENTS = 2**20  # floats per candidate-batch intermediate: about the L2 
 Quant = Callable[..., torch.Tensor]
 
 
+def same_params(a, b) -> bool:
+    """Bit equality of two parameter sets (same keys or same order): the fixed-point test."""
+    pairs = [(a[k], b[k]) for k in a] if isinstance(a, dict) else list(zip(a, b))
+    return all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in pairs)
+
+
 def chunk_size(per_candidate: int) -> int:
     """Candidates per call so that one intermediate holds about ``CHUNK_ELEMENTS`` floats."""
     return max(1, CHUNK_ELEMENTS // max(per_candidate, 1))
@@ -186,7 +192,7 @@ def search_linear(
         ws, wz, _ = fpcs(weight_output_score(x_hat, x, w, w_bits), w_ranges, w_bits)
         w_hat = fq_uniform(w, ws[:, None], wz[:, None], w_bits)
         new_act = _search_act(x, w_hat, w, a_bits, act, ranges)
-        fixed = all(torch.equal(torch.as_tensor(new_act[k]), torch.as_tensor(act[k])) for k in act)
+        fixed = same_params(new_act, act)
         act = new_act
         if fixed:  # the next round would start from the same input quantizer: it repeats this one
             break
