@@ -94,6 +94,13 @@ def _export_parser(sub) -> None:
         help="samples of eval data for the verification (default %(default)s)",
     )
     x.add_argument("--data", help="verification data (default: digits / built-in text)")
+    x.add_argument(
+        "--weight-dtype",
+        default="auto",
+        choices=["auto", "int8", "uint8"],
+        help="integer weight codes: int8 (fastest with VNNI), uint8 (exact on every x86 CPU in ONNX Runtime); "
+        "auto: uint8 where this CPU lacks VNNI (default %(default)s)",
+    )
     x.add_argument("--checkpoint", help="weights for a timm: model (.safetensors only)")
 
 
@@ -256,8 +263,9 @@ def cmd_export(args) -> int:
         raise UserError(f"{out} already exists (choose another --out)")
     loaded = load_model(args.model, checkpoint=args.checkpoint)
     record = export_verified(
-        loaded, out, args.format, args.opset, args.dynamic_batch, args.batch, args.samples, args.data
-    )
+        loaded, out, args.format, args.opset, args.dynamic_batch, args.batch, args.samples, args.data,
+        args.weight_dtype,
+    )  # fmt: skip
     print(summary_line(record))
     engine = f"; engine: {record['engine']['engine']} (unverified build)" if "engine" in record else ""
     print(f"verification: {record['json']}{engine}")

@@ -26,7 +26,7 @@ SECTIONS = {
     "eval": {"data": str, "samples": int, "batch_size": int},
     "export": {
         "format": Literal["onnx", "tensorrt"], "opset": int, "batch": int, "dynamic_batch": bool,
-        "samples": int, "data": str,
+        "samples": int, "data": str, "weight_dtype": Literal["auto", "int8", "uint8"],
     },
     "bench": {
         "backend": Literal["torch", "onnxruntime", "tensorrt"], "batch": int, "seq": int, "threads": int,
@@ -43,6 +43,7 @@ SECTION_DEFAULTS = {
         "dynamic_batch": False,
         "samples": 64,
         "data": None,
+        "weight_dtype": "auto",
     },
     "bench": {
         "backend": "onnxruntime",

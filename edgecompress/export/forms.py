@@ -22,6 +22,13 @@ whose ``forward`` emits the ops a runtime understands:
   weight-only kernel that re-quantizes the activation (ONNX Runtime's ``MatMulNBits`` at its
   default accuracy level 4 does; measured output cosine 0.97 instead of 1.0 on an AdaLog W4A4
   ViT), which would break the exported model's fidelity.
+* ``weight_dtype``: ``"int8"`` stores the weight codes as ``q − 2^(b−1)`` in INT8 (TensorRT needs
+  it); ``"uint8"`` stores the codes ``q ∈ [0, 2^b − 1]`` themselves in UINT8 with zero-point ``z``.
+  ONNX Runtime then runs ``MatMulIntegerToFloat`` with u8×u8 instead of u8×s8 kernels. On x86 CPUs
+  without VNNI its u8×s8 kernels use ``VPMADDUBSW``, whose int16 pair sums saturate for
+  full-range 8-bit weights (measured on an AVX2-only AMD EPYC: a 384×1536 W8A8 layer off by 27 %
+  of its output range); the u8×u8 kernels widen first and are exact (same layer: error 4e-6, still
+  1.75× faster than the float path). See :func:`edgecompress.export.runtime.resolve_weight_dtype`.
 * ``target="tensorrt"``: TensorRT only accepts zero-point 0. An activation quantizer whose INT8
   zero-point ``z'`` is not 0 (asymmetric, or the unsigned softmax output) is written in the exact
   offset form ``DQ(Q(x + s·z')) − s·z'`` with zero-point 0. Weight zero-points cannot be moved
@@ -44,6 +51,7 @@ from edgecompress.quantize.uniform import quantize_uniform
 
 EXPORT_FORMS: dict[str, Callable[[nn.Module, str], nn.Module]] = {}
 TARGETS = ("onnxruntime", "tensorrt")
+WEIGHT_DTYPES = ("int8", "uint8")
 INT8_MIN, INT8_MAX = -128, 127
 
 
@@ -127,9 +135,11 @@ class QDQActivation(nn.Module):
 class QDQLinear(nn.Module):
     """``MatMul(in_quant(x), DequantizeLinear(W_int8ᵀ, axis=1)) + bias`` (float weight if not uniform)."""
 
-    def __init__(self, layer: QuantLinear, target: str = "onnxruntime"):
+    def __init__(self, layer: QuantLinear, target: str = "onnxruntime", weight_dtype: str = "int8"):
         super().__init__()
         _decomposed_ops()
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
         self.in_quant = export_module(layer.in_quant, target)
         self.bias = (
             None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
@@ -145,20 +155,25 @@ class QDQLinear(nn.Module):
             self.register_buffer("w_t", layer.quantized_weight().float().t().contiguous())  # [in, out]
             return
         scale, zp, qmin, qmax = int8_params(wq)
-        codes = quantize_uniform(w, wq.scale.float(), wq.zero_point.float(), wq.bits) - 2 ** (wq.bits - 1)
+        codes = quantize_uniform(w, wq.scale.float(), wq.zero_point.float(), wq.bits)  # [0, 2^b - 1]
+        self.dtype = torch.uint8 if weight_dtype == "uint8" else torch.int8
+        if self.dtype == torch.uint8:  # the codes themselves, zero-point z
+            zp, qmin, qmax = torch.round(wq.zero_point.float()), 0, 255
+        else:  # shifted onto the INT8 grid, zero-point z - 2^(b-1)
+            codes = codes - 2 ** (wq.bits - 1)
         out = w.shape[0]
         self.qmin, self.qmax = qmin, qmax
-        self.register_buffer("w_codes", codes.t().contiguous().to(torch.int8))  # [in, out]
+        self.register_buffer("w_codes", codes.t().contiguous().to(self.dtype))  # [in, out]
         self.register_buffer("w_scale", scale.expand(out, *scale.shape[1:]).reshape(out).contiguous())
         # int32, not int8: eager dequantize_per_channel subtracts in the input's dtype (int8 would wrap);
-        # the exporters cast it to the INT8 zero-point initializer ONNX wants
+        # the exporters cast it to the INT8 / UINT8 zero-point initializer ONNX wants
         self.register_buffer("w_zp", zp.expand(out, *zp.shape[1:]).reshape(out).to(torch.int32).contiguous())
 
     def weight_t(self) -> torch.Tensor:
         if not self.int8:
             return self.w_t
         return torch.ops.quantized_decomposed.dequantize_per_channel(
-            self.w_codes, self.w_scale, self.w_zp, 1, self.qmin, self.qmax, torch.int8
+            self.w_codes, self.w_scale, self.w_zp, 1, self.qmin, self.qmax, self.dtype
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +181,7 @@ class QDQLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def export_module(mod: nn.Module, target: str = "onnxruntime") -> nn.Module:
+def export_module(mod: nn.Module, target: str = "onnxruntime", weight_dtype: str = "int8") -> nn.Module:
     """The export form of one module (itself when it has none)."""
     _load_forms()
     own = getattr(mod, "onnx_export_module", None)
@@ -176,7 +191,7 @@ def export_module(mod: nn.Module, target: str = "onnxruntime") -> nn.Module:
     if factory is not None:
         return factory(mod, target)
     if isinstance(mod, QuantLinear):
-        return QDQLinear(mod, target)
+        return QDQLinear(mod, target, weight_dtype)
     if isinstance(mod, UniformQuantizer):
         try:
             return QDQActivation(mod, target)
@@ -198,7 +213,9 @@ def _is_quantizer(mod: nn.Module) -> bool:
     )
 
 
-def to_export_form(model: nn.Module, target: str = "onnxruntime") -> tuple[nn.Module, dict[str, int]]:
+def to_export_form(
+    model: nn.Module, target: str = "onnxruntime", weight_dtype: str = "int8"
+) -> tuple[nn.Module, dict[str, int]]:
     """A copy of ``model`` with every quantizer in its export form; returns it and a count per form."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -210,7 +227,7 @@ def to_export_form(model: nn.Module, target: str = "onnxruntime") -> tuple[nn.Mo
     for name in names:
         if any(name.startswith(d + ".") for d in done):  # inside a QuantLinear already converted
             continue
-        new = export_module(model.get_submodule(name), target)
+        new = export_module(model.get_submodule(name), target, weight_dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         counts[type(new).__name__] = counts.get(type(new).__name__, 0) + 1

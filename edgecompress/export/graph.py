@@ -5,7 +5,7 @@
   scale multiplied by α (ONNX Runtime target only): the attention's ``q kᵀ · scale``, which ORT
   fuses into its float MatMul but cannot fuse after an integer one (measured −3 % latency on
   MiniLM W8A8; same values up to float rounding);
-* :func:`qdq_summary` — counts of Q/DQ nodes, INT8 weights and MatMuls fed by DQ.
+* :func:`qdq_summary` — counts of Q/DQ nodes, integer (INT8 / UINT8) weights and MatMuls fed by DQ.
 """
 
 from __future__ import annotations
@@ -67,16 +67,15 @@ def _initializers(model) -> dict:
 
 
 def qdq_summary(model) -> dict:
-    """Counts of Q/DQ nodes, INT8 weight initializers behind DequantizeLinear, and Q/DQ feeding MatMul/Gemm."""
+    """Counts of Q/DQ nodes, integer weight initializers behind DequantizeLinear, Q/DQ feeding MatMul/Gemm."""
     from onnx import TensorProto
 
     inits = _initializers(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     nodes = model.graph.node
     dq = [n for n in nodes if n.op_type == "DequantizeLinear"]
-    int8_weights = [
-        n.input[0] for n in dq if n.input[0] in inits and inits[n.input[0]].data_type == TensorProto.INT8
-    ]
+    integer = (TensorProto.INT8, TensorProto.UINT8)
+    int_weights = [n.input[0] for n in dq if n.input[0] in inits and inits[n.input[0]].data_type in integer]
     mm = [n for n in nodes if n.op_type in ("MatMul", "Gemm")]
     fed = sum(
         all(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input[:2]) for n in mm
@@ -84,7 +83,7 @@ def qdq_summary(model) -> dict:
     return {
         "QuantizeLinear": sum(n.op_type == "QuantizeLinear" for n in nodes),
         "DequantizeLinear": len(dq),
-        "int8_weight_initializers": len(int8_weights),
+        "integer_weight_initializers": len(int_weights),
         "matmuls": len(mm),
         "matmuls_with_dq_inputs": fed,
     }

@@ -24,6 +24,7 @@ from edgecompress.errors import UserError
 from edgecompress.export.forms import has_quantizers, to_export_form
 from edgecompress.export.graph import dedicate_qdq, fold_scalar_mul_into_dq, qdq_summary
 from edgecompress.export.inputs import as_batch, input_names, output_name, synthetic
+from edgecompress.export.runtime import resolve_weight_dtype
 from edgecompress.models.loading import LoadedModel
 
 DEFAULT_OPSET = 20  # ONNX Gelu (opset 20): ORT runs it fused, faster than Erf-based GELU (-7 %)
@@ -43,6 +44,8 @@ class ExportResult:
     batch: int | str  # the static batch size or "dynamic"
     target: str
     quantized: bool
+    weight_dtype: str = "int8"
+    weight_dtype_reason: str = ""
     forms: dict[str, int] = field(default_factory=dict)
     qdq: dict = field(default_factory=dict)
     rewrites: dict = field(default_factory=dict)
@@ -114,16 +117,19 @@ def export_onnx(
     batch: int = 1,
     target: str = "onnxruntime",
     exporter: str = "auto",
+    weight_dtype: str = "auto",
 ) -> ExportResult:
-    """Export ``loaded.model`` to ``path`` (ONNX, checked). ``exporter``: auto | dynamo | torchscript."""
+    """Export ``loaded.model`` to ``path`` (ONNX, checked). ``exporter``: auto | dynamo | torchscript;
+    ``weight_dtype``: auto | int8 | uint8 (:func:`edgecompress.export.runtime.resolve_weight_dtype`)."""
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset}: INT8 Q/DQ with per-channel weights needs opset ≥ {MIN_OPSET}")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise UserError(f"exporter must be auto, dynamo or torchscript, got {exporter!r}")
     t0 = time.perf_counter()
+    dtype, why = resolve_weight_dtype(weight_dtype, target)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    form, counts = to_export_form(loaded.model, target)
+    form, counts = to_export_form(loaded.model, target, dtype)
     module = GraphModule(loaded, form).eval()
     example = synthetic(loaded, max(batch, 2) if dynamic_batch else batch, seq=16)
     names, out = input_names(loaded), output_name(loaded)
@@ -149,7 +155,7 @@ def export_onnx(
     model = check_onnx(path)
     return ExportResult(
         path, used, opset, names, out, "dynamic" if dynamic_batch else batch, target,
-        has_quantizers(loaded.model), counts, qdq_summary(model), rewrites, reason,
+        has_quantizers(loaded.model), dtype, why, counts, qdq_summary(model), rewrites, reason,
         round(time.perf_counter() - t0, 2),
     )  # fmt: skip
 

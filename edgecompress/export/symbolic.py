@@ -12,11 +12,13 @@ _REGISTERED: set[int] = set()
 
 
 def _dequantize_per_channel(g, x, scales, zero_points, axis, quant_min, quant_max, dtype, out_dtype=None):
-    """``quantized_decomposed::dequantize_per_channel`` → ``DequantizeLinear(axis)`` (INT8 zero-points)."""
+    """``quantized_decomposed::dequantize_per_channel`` → ``DequantizeLinear(axis)`` (INT8 zero-points,
+    or UINT8 ones for UINT8 codes, whose range starts at 0)."""
     from torch.onnx import symbolic_helper
 
     axis_i = symbolic_helper._get_const(axis, "i", "axis")
-    zp8 = g.op("Cast", zero_points, to_i=3)  # INT8; constant-folded into an initializer
+    unsigned = symbolic_helper._get_const(quant_min, "i", "quant_min") == 0
+    zp8 = g.op("Cast", zero_points, to_i=2 if unsigned else 3)  # UINT8 / INT8, folded into an initializer
     return g.op("DequantizeLinear", x, scales, zp8, axis_i=axis_i)
 
 

@@ -121,11 +121,13 @@ def verify_onnx(
     data: str | None = None,
     batch: int = 8,
     threads: int | None = None,
+    integer_kernels: bool = True,
 ) -> dict:
     """Run ``path`` in ONNX Runtime and ``loaded.model`` in PyTorch on the same inputs; never raises
-    on a mismatch (see :func:`check_verification`), returns the metrics and the verdict."""
+    on a mismatch (see :func:`check_verification`), returns the metrics and the verdict.
+    ``integer_kernels=False``: ORT computes the graph's Q/DQ in float (see ``ort_session``)."""
     t0 = time.perf_counter()
-    sess = ort_session(path, threads)
+    sess = ort_session(path, threads, integer_kernels=integer_kernels)
     b, dynamic = _static_batch(sess, batch)
     batches, rows = sample_batches(loaded, samples, b, data)
     parts = _run_all(loaded, sess, batches, rows)
@@ -164,7 +166,7 @@ def verify_onnx(
         "metrics": metrics,
         "passed": not fails,
         "failures": fails,
-        "ort_session": session_config(path, threads),
+        "ort_session": session_config(path, threads, integer_kernels=integer_kernels),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 

@@ -60,15 +60,17 @@ def test_int8_zero_points_follow_the_mapping():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_qdq_linear_weight_is_exactly_the_dequantized_grid(bits, symmetric):
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_qdq_linear_weight_is_exactly_the_dequantized_grid(bits, symmetric, dtype):
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(nn.Linear(59, 97))
     s, z = weight_params(layer.weight.detach(), bits, symmetric)
     layer.w_quant = UniformQuantizer(bits, symmetric, "channel", "weight").set_params(s, z)
     layer.in_quant = _quantizer(8, symmetric)
-    form = QDQLinear(layer)
-    assert form.int8 and form.w_codes.dtype == torch.int8 and form.w_codes.shape == (59, 97)
-    assert int(form.w_codes.min()) >= -(2 ** (bits - 1)) and int(form.w_codes.max()) <= 2 ** (bits - 1) - 1
+    form = QDQLinear(layer, weight_dtype=dtype)
+    assert form.int8 and form.w_codes.dtype == getattr(torch, dtype) and form.w_codes.shape == (59, 97)
+    lo = 0 if dtype == "uint8" else -(2 ** (bits - 1))
+    assert int(form.w_codes.min()) >= lo and int(form.w_codes.max()) <= lo + 2**bits - 1
     expected = dequantize_uniform(quantize_uniform(layer.weight, s, z, bits), s, z).t()
     assert torch.equal(form.weight_t(), expected.detach())
     x = torch.randn(3, 5, 59)

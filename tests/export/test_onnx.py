@@ -16,7 +16,7 @@ from torch import nn
 from edgecompress.errors import UserError
 from edgecompress.export.deploy import export_verified, verification_path
 from edgecompress.export.forms import register_export_form
-from edgecompress.export.runtime import optimized_ops
+from edgecompress.export.runtime import optimized_ops, resolve_weight_dtype, u8s8_saturates
 from edgecompress.export.verify import _judge, check_verification, verify_onnx
 from edgecompress.models.loading import LoadedModel
 from edgecompress.quantize.modules import QuantLinear
@@ -50,15 +50,17 @@ def _dq_weights(model) -> list:
 @pytest.mark.parametrize("fixture,bits", [("vit_w8a8", 8), ("vit_w4a4", 4)])
 def test_uniform_ptq_becomes_int8_qdq(fixture, bits, request, exported):
     loaded = request.getfixturevalue(fixture)
-    res, model = exported(fixture, loaded)
+    res, model = exported(fixture, loaded)  # weight dtype auto: the one that is exact on this CPU
+    assert res.weight_dtype == ("uint8" if u8s8_saturates() else "int8")
     linears = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
     weights = _dq_weights(model)
-    assert res.qdq["int8_weight_initializers"] == len(weights) == len(linears)
+    assert res.qdq["integer_weight_initializers"] == len(weights) == len(linears)
+    lo = 0 if res.weight_dtype == "uint8" else -(2 ** (bits - 1))  # the b-bit grid inside the 8-bit type
     for node, init in weights:
         codes = numpy_helper.to_array(init)
-        assert init.data_type == TensorProto.INT8
+        assert init.data_type == (TensorProto.UINT8 if res.weight_dtype == "uint8" else TensorProto.INT8)
         assert {a.name: a.i for a in node.attribute}.get("axis") == 1  # output channels of [in, out]
-        assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+        assert codes.min() >= lo and codes.max() <= lo + 2**bits - 1
     assert res.qdq["QuantizeLinear"] > 0 and res.qdq["matmuls_with_dq_inputs"] >= len(linears)
     v = verify_onnx(loaded, res.path, samples=SAMPLES)
     assert v["passed"], v["failures"]
@@ -96,12 +98,34 @@ def test_shared_qdq_pairs_get_one_per_consumer(exported):
     assert verify_onnx(bert, res.path, samples=SAMPLES)["passed"]
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_int8_weights_are_exact_only_where_u8s8_kernels_do_not_saturate(dtype, vit_w8a8, exported):
+    """Oracle: the PyTorch model. UINT8 weights (u8×u8 kernels) verify on every CPU; INT8 weights
+    (u8×s8) verify exactly where :func:`u8s8_saturates` says this CPU has VNNI, and fail where it
+    has not (full-range 8-bit weights saturate the int16 pair sums of VPMADDUBSW)."""
+    res, model = exported(f"vit_w8a8_{dtype}", vit_w8a8, weight_dtype=dtype)
+    assert res.weight_dtype == dtype and res.weight_dtype_reason == "asked for"
+    v = verify_onnx(vit_w8a8, res.path, samples=SAMPLES)
+    assert v["passed"] == (dtype == "uint8" or not u8s8_saturates()), v["metrics"]
+
+
+def test_saturation_rule():
+    assert u8s8_saturates(["avx", "avx2", "fma"], "x86_64")  # AVX2 only: VPMADDUBSW
+    assert u8s8_saturates(["avx512f", "avx512bw"], "x86_64")  # AVX-512 without VNNI
+    assert not u8s8_saturates(["avx2", "avx_vnni"], "x86_64")
+    assert not u8s8_saturates(["avx512f", "avx512_vnni"], "AMD64")
+    assert not u8s8_saturates(["asimd", "asimddp"], "aarch64")
+    with pytest.raises(UserError, match="TensorRT needs INT8"):
+        resolve_weight_dtype("uint8", "tensorrt")
+    assert resolve_weight_dtype("auto", "tensorrt")[0] == "int8"
+
+
 def test_torchscript_exporter_gives_the_same_qdq_graph(vit_w8a8, exported):
     res, model = exported("vit_w8a8_ts", vit_w8a8, exporter="torchscript")
     assert res.exporter == "torchscript"
     assert (
-        res.qdq["int8_weight_initializers"]
-        == exported("vit_w8a8", vit_w8a8)[0].qdq["int8_weight_initializers"]
+        res.qdq["integer_weight_initializers"]
+        == exported("vit_w8a8", vit_w8a8)[0].qdq["integer_weight_initializers"]
     )
     assert verify_onnx(vit_w8a8, res.path, samples=SAMPLES)["passed"]
 
