@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean wheel-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 	$(BIN)/ruff check edgecompress tests benchmarks
+	bash .ci/wheel_check.sh $(VENV)
+
+wheel-check: $(BIN)/.installed
+	bash .ci/wheel_check.sh $(VENV)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check edgecompress tests benchmarks

@@ -9,9 +9,10 @@ Public API::
 """
 
 from edgecompress.errors import UserError
-from edgecompress.models.loading import load_model
-from edgecompress.pipeline import PASSES, Context, register_pass, restore, run, save
+from edgecompress.models.loading import load_model, restore
+from edgecompress.pipeline import PASSES, Context, register_pass, run
 from edgecompress.recipe import load_recipe
+from edgecompress.structure import save
 
 __all__ = [
     "PASSES",

@@ -1,7 +1,9 @@
-"""Calibration: data → ``forward_loop(model)`` callables, and activation capture helpers.
+"""Calibration: data → a :class:`~edgecompress.pipeline.Context`, and the hook context of passes.
 
-Passes that need statistics register hooks with :func:`observe` / :func:`capture_inputs`, which
-run the context's loop and always remove their hooks (``finally``).
+Passes that need statistics use :func:`observe` / :func:`capture_inputs` / :func:`capture`, which
+run the context's loop and always remove their hooks (``finally``). :func:`capture` is
+padding-aware: it records each model call's ``attention_mask`` so a pass can drop padding tokens
+(:meth:`Captured.tokens`, :meth:`Captured.attention_groups`).
 """
 
 from __future__ import annotations
@@ -13,20 +15,42 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from edgecompress.data.samples import Batch
 from edgecompress.errors import UserError
 from edgecompress.pipeline import Context
 
 
-def make_context(
-    batches: Sequence, call: Callable[[nn.Module, object], object], device: torch.device, seed: int = 0
-) -> Context:
-    """A :class:`Context` whose loop runs ``call(model, batch)`` on every batch without gradients."""
+def to_device(inputs, device: torch.device):
+    """A model input (tensor, dict of tensors or :class:`Batch`) on ``device``."""
+    if isinstance(inputs, Batch):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    return inputs.to(device) if torch.is_tensor(inputs) else inputs
+
+
+def device_call(call: Callable, device: torch.device) -> Callable:
+    """``call(model, inputs)`` that accepts a :class:`Batch` or raw inputs and moves them to ``device``."""
+
+    def run(model: nn.Module, batch):
+        inputs = batch.inputs if isinstance(batch, Batch) else batch
+        return call(model, to_device(inputs, device))
+
+    return run
+
+
+def check_finite(batches: Sequence, what: str) -> None:
     if not batches:
-        raise UserError("calibration data is empty")
+        raise UserError(f"{what} data is empty")
     for b in batches:
+        b = b.inputs if isinstance(b, Batch) else b
         for t in b.values() if isinstance(b, dict) else [b]:
             if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
-                raise UserError("calibration data contains NaN or infinite values")
+                raise UserError(f"{what} data contains NaN or infinite values")
+
+
+def make_forward_loop(batches: Sequence, call: Callable) -> Callable[[nn.Module], None]:
+    """A loop running ``call(model, batch)`` on every batch in eval mode without gradients."""
 
     def forward_loop(model: nn.Module) -> None:
         was_training = model.training
@@ -38,7 +62,42 @@ def make_context(
         finally:
             model.train(was_training)
 
-    return Context(example_inputs=(batches[0],), forward_loop=forward_loop, device=device, seed=seed)
+    return forward_loop
+
+
+def make_context(
+    batches: Sequence,
+    call: Callable[[nn.Module, object], object],
+    device: torch.device,
+    seed: int = 0,
+    kind: str = "image",
+    data: Callable[[str], object] | None = None,
+    train=None,
+) -> Context:
+    """A :class:`Context` whose loop runs ``call(model, batch)`` on ``batches`` (raw inputs or
+    :class:`Batch`) on ``device``; ``data(split)`` serves ``ctx.batches`` (training passes; without
+    it every split is the calibration batches); ``train`` is the TrainConfig (default: its defaults)."""
+    from edgecompress.train import TrainConfig
+
+    check_finite(batches, "calibration")
+    run = device_call(call, device)
+    if data is None:
+        as_batches = [b if isinstance(b, Batch) else Batch(b) for b in batches]
+
+        def data(split: str) -> list[Batch]:
+            return as_batches
+
+    example = batches[0].inputs if isinstance(batches[0], Batch) else batches[0]
+    return Context(
+        example_inputs=(to_device(example, device),),
+        forward_loop=make_forward_loop(batches, run),
+        call=run,
+        device=device,
+        seed=seed,
+        kind=kind,
+        batches=data,
+        train=train if train is not None else TrainConfig(),
+    )
 
 
 @dataclass
@@ -107,3 +166,90 @@ def capture_inputs(
         for h in hooks:
             h.remove()
     return seen
+
+
+def _batch_info(args, kwargs) -> tuple[int, torch.Tensor | None]:
+    """Batch size of a model call and its ``attention_mask`` (text models), if any."""
+    mask = kwargs.get("attention_mask")
+    for t in list(args) + list(kwargs.values()):
+        if torch.is_tensor(t) and t.dim() > 0:
+            return int(t.shape[0]), mask
+    return 1, mask
+
+
+@dataclass
+class Captured:
+    """Per-call inputs of the captured modules and the matching attention masks (or None)."""
+
+    inputs: dict[str, list[torch.Tensor]]
+    masks: list[torch.Tensor | None]
+
+    def tokens(self, name: str) -> torch.Tensor:
+        """Rows ``[T, K]`` of a Linear's input, without padding tokens where a mask says so."""
+        rows = []
+        for i, t in enumerate(self.inputs[name]):
+            m = self.masks[i] if i < len(self.masks) else None
+            if m is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(m.shape):
+                rows.append(t[m.bool()])
+            else:
+                rows.append(t.reshape(-1, t.shape[-1]))
+        return torch.cat(rows)
+
+    def attention_groups(self, names: list[str]) -> list[tuple[torch.Tensor, ...]]:
+        """The attention operands ``names`` (q, k, v, probs: ``[b, H, N, ·]`` per call) grouped by
+        shape: tuples of ``[B_g, H, N_g, ·]``, smallest first. Where a call has an attention mask
+        ``[b, N]``, each sample keeps only its real tokens (rows of q, k, v; rows and columns of
+        the probabilities) and samples with equal token counts are stacked."""
+        groups: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+        for i, ts in enumerate(zip(*(self.inputs[n] for n in names))):
+            m = self.masks[i] if i < len(self.masks) else None
+            if m is None or not _mask_fits(m, ts):
+                groups.setdefault(tuple(t.shape[1:] for t in ts), []).append(ts)
+                continue
+            for j, keep in enumerate(m.bool()):
+                if keep.any():
+                    part = tuple(t[j : j + 1, :, keep] for t in ts[:-1]) + (
+                        ts[-1][j : j + 1, :, keep][..., keep],
+                    )
+                    groups.setdefault(tuple(t.shape[1:] for t in part), []).append(part)
+        return [tuple(torch.cat(p) for p in zip(*groups[key])) for key in sorted(groups)]
+
+
+def _mask_fits(mask: torch.Tensor, ts: tuple[torch.Tensor, ...]) -> bool:
+    """A ``[b, N]`` mask applies to q, k, v ``[b, H, N, D]`` and probabilities ``[b, H, N, N]``."""
+    if mask.dim() != 2:
+        return False
+    b, n = mask.shape
+    return all(t.dim() == 4 and t.shape[0] == b and t.shape[2] == n for t in ts) and ts[-1].shape[3] == n
+
+
+def capture(
+    model: nn.Module, names: list[str], forward_loop: Callable[[nn.Module], None], max_samples: int
+) -> Captured:
+    """Inputs of each named module over the loop (one tensor per call), limited to the first
+    ``max_samples`` samples (a module called once per model call; Swin windows stay batch-major)."""
+    calls: list[tuple[int, torch.Tensor | None]] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(_batch_info(a, kw)), with_kwargs=True
+    )
+    try:
+        seen = capture_inputs(model, names, forward_loop)
+    finally:
+        hook.remove()
+    sizes = [b for b, _ in calls]
+    masks = _first_samples([m if m is not None else torch.empty(b, 0) for b, m in calls], sizes, max_samples)
+    masks = [m if m.numel() else None for m in masks]
+    return Captured({n: _first_samples(ts, sizes, max_samples) for n, ts in seen.items()}, masks)
+
+
+def _first_samples(ts: list[torch.Tensor], sizes: list[int], max_samples: int) -> list[torch.Tensor]:
+    if len(ts) != len(sizes):  # not once per model call: keep everything
+        return ts
+    out, left = [], max_samples
+    for t, b in zip(ts, sizes):
+        if left <= 0:
+            break
+        take = min(b, left)
+        out.append(t if take == b else t[: t.shape[0] * take // b])
+        left -= take
+    return out

@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. passes.0.w_bits=4",
     )
-    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    c.add_argument(
+        "--device",
+        default=None,
+        choices=["cpu", "cuda"],
+        help="where the passes run (default: the recipe's device:, cpu)",
+    )
     e = sub.add_parser("eval", help="evaluate a model spec or a compressed folder")
     _model_args(e, DEFAULT_MODEL)
     e.add_argument("--data", help="digits, imagefolder:PATH, text, text:FILE (default by model kind)")
@@ -133,14 +138,14 @@ def _slug(text: str) -> str:
 
 
 def cmd_compress(args) -> int:
-    import torch
-
-    from edgecompress.job import compress, summary_rows
+    from edgecompress.job import compress, resolve_device
     from edgecompress.recipe import load_recipe
+    from edgecompress.report import summary_rows
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
     recipe = load_recipe(args.recipe, args.set)
+    if args.device:
+        recipe.device = args.device
+    resolve_device(recipe.device)  # no GPU: say so before loading anything
     args.model = args.model or recipe.model or DEFAULT_MODEL
     recipe.model = args.model
     if args.calib:
@@ -152,7 +157,7 @@ def cmd_compress(args) -> int:
     if out.exists():
         raise UserError(f"output folder {out} already exists (choose another --out)")
     loaded = _load(args)
-    result = compress(loaded, recipe, out, args.device)
+    result = compress(loaded, recipe, out)
     _print_table(summary_rows(result.report), ("", "baseline", "compressed"))
     print(f"compress time: {result.report['compress_seconds']} s; output: {result.out}")
     return 0
@@ -200,25 +205,13 @@ def cmd_inspect(args) -> int:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}/report.json is missing or corrupt ({e})") from None
+    from edgecompress.report import LAYER_COLUMNS, layer_rows
+
     print(f"model: {report['model']}  passes: {', '.join(p['pass'] for p in report['passes'])}")
-    rows = []
     for rec in report["passes"]:
-        for r in rec["layers"]:
-            shape = r.get("shape", "")
-            size = "" if not shape else f"{shape[0] * shape[1] * (r.get('w_bits') or 32) / 8 / 1024:.1f} KiB"
-            what = f"{r.get('quantizer', r.get('layer', ''))} {r.get('role', '')}".strip()
-            rows.append(
-                (
-                    r["name"],
-                    what,
-                    r.get("bits", r.get("w_bits", "")),
-                    r.get("sparsity", ""),
-                    shape,
-                    size,
-                    r.get("sqnr_db", r.get("weight_sqnr_db", "")),
-                )
-            )
-    _print_table(rows, ("module", "what", "bits", "sparsity", "shape", "size", "SQNR dB"))
+        for note in rec.get("notes", []):
+            print(f"{rec['pass']}: {note}")
+    _print_table(layer_rows(report), LAYER_COLUMNS)
     sb, sc = report["size_bytes"]["baseline"], report["size_bytes"]["compressed"]
     print(f"size: {sb / 1e6:.3f} MB -> {sc / 1e6:.3f} MB")
     return 0
@@ -237,7 +230,9 @@ def cmd_passes(args) -> int:
     for name in sorted(PASSES):
         cls = PASSES[name]
         hints = typing.get_type_hints(cls)
-        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"{name} ({cls.family}, version {cls.VERSION}): {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for what, why in cls.cannot_follow.items():
+            print(f"    cannot follow {what}: {why}")
         for f in dataclasses.fields(cls):
             if f.init:
                 print(f"    {f.name}: {_type_name(hints[f.name])} = {f.default!r}")
@@ -314,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgecompress: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `edgecompress inspect DIR | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

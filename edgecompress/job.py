@@ -11,13 +11,16 @@ from pathlib import Path
 
 import torch
 
-from edgecompress.calib import make_context
+from edgecompress.calib import make_context, to_device
 from edgecompress.data.metrics import evaluate
-from edgecompress.data.specs import load_data
+from edgecompress.data.specs import load_data, load_samples
+from edgecompress.errors import UserError
 from edgecompress.models.loading import LoadedModel
-from edgecompress.pipeline import run, save
+from edgecompress.pipeline import make_teacher, run
 from edgecompress.quantize.modules import deployed_size_bytes
-from edgecompress.recipe import Recipe, dump_recipe, recipe_to_dict
+from edgecompress.recipe import SECTION_DEFAULTS, Recipe, dump_recipe, recipe_to_dict, train_config
+from edgecompress.report import report_markdown
+from edgecompress.structure import save
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -71,42 +74,85 @@ def _latency(loaded: LoadedModel, model, batch) -> dict:
         return time_callable(lambda: loaded.call(model, batch), min_seconds=0.5, min_iters=5, warmup_s=0.2)
 
 
-def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str = "cpu") -> JobResult:
-    """Run ``recipe`` on ``loaded`` and write the output folder atomically; returns its report."""
-    if recipe.export is not None or recipe.bench is not None:
-        from edgecompress.export.deploy import preflight
+def resolve_device(device: str) -> torch.device:
+    """``cpu`` or ``cuda``; asking for CUDA without a GPU is a one-line error."""
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda: no CUDA GPU is available here (use --device cpu)")
+    return torch.device(device)
 
-        preflight(recipe.export, recipe.bench)  # e.g. TensorRT missing: say so before any work
-    dev = torch.device(device)
-    model = loaded.model.to(dev)
-    cal, ev = recipe.calibration, recipe.eval
-    eval_data = load_data(ev["data"], loaded, "test", ev["samples"], ev["batch_size"])
-    base_metrics, base_out = evaluate(loaded, model, eval_data)
-    base_size = deployed_size_bytes(model)
-    baseline_model = copy.deepcopy(model)  # timed after compression, back to back with the result
+
+def _data_source(loaded: LoadedModel, recipe: Recipe):
+    """``ctx.batches(split)``: the recipe's calib / eval / train data as SampleSets, loaded once each."""
+    cal, ev, tr = recipe.calibration, recipe.eval, recipe.train or SECTION_DEFAULTS["train"]
+    specs = {
+        "calib": (cal["data"], "train", cal["samples"], cal["batch_size"]),
+        "eval": (ev["data"], "test", ev["samples"], ev["batch_size"]),
+        "train": (tr["data"], "train", tr["samples"], tr["batch_size"]),
+    }
+    cache: dict = {}
+
+    def batches(split: str):
+        if split not in specs:
+            raise UserError(f"data split {split!r}: choose one of {sorted(specs)}")
+        if split not in cache:
+            spec, which, samples, batch_size = specs[split]
+            cache[split] = load_samples(spec, loaded, which, samples, batch_size)
+        return cache[split]
+
+    return batches
+
+
+def _context(loaded: LoadedModel, recipe: Recipe, eval_data, dev: torch.device):
+    cal = recipe.calibration
     needs = any(p.needs_data for p in recipe.passes)
     ctx_batches = (
         load_data(cal["data"], loaded, "train", cal["samples"], cal["batch_size"]).batches
         if needs
         else [eval_data.batches[0]]
     )
-    ctx = make_context(ctx_batches, loaded.call, dev, cal["seed"])
-    torch.manual_seed(cal["seed"])
+    train = train_config(recipe.train or SECTION_DEFAULTS["train"])
+    data = _data_source(loaded, recipe)
+    return make_context(ctx_batches, loaded.call, dev, cal["seed"], loaded.kind, data, train)
+
+
+def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str | None = None) -> JobResult:
+    """Run ``recipe`` on ``loaded`` and write the output folder atomically; returns its report.
+
+    ``device`` (default: the recipe's ``device:``) holds the model, the batches and every
+    captured tensor of the passes.
+    """
+    if recipe.export is not None or recipe.bench is not None:
+        from edgecompress.export.deploy import preflight
+
+        preflight(recipe.export, recipe.bench)  # e.g. TensorRT missing: say so before any work
+    dev = resolve_device(device or recipe.device)
+    model = loaded.model.to(dev)
+    ev = recipe.eval
+    eval_data = load_data(ev["data"], loaded, "test", ev["samples"], ev["batch_size"])
+    base_metrics, base_out = evaluate(loaded, model, eval_data)
+    base_size = deployed_size_bytes(model)
+    baseline_model = copy.deepcopy(model)  # timed after compression, back to back with the result
+    ctx = _context(loaded, recipe, eval_data, dev)
+    if any(p.needs_teacher for p in recipe.passes):
+        ctx = replace(ctx, teacher=make_teacher(baseline_model))
+    torch.manual_seed(recipe.calibration["seed"])
     t0 = time.perf_counter()
     model, records = run(model, recipe.passes, ctx)
     seconds = time.perf_counter() - t0
     comp_metrics, _ = evaluate(loaded, model, eval_data, reference=base_out)
-    batch0 = _latency_batch(eval_data.batches[0])
+    batch0 = to_device(_latency_batch(eval_data.batches[0]), dev)
     base_lat, comp_lat = _latency(loaded, baseline_model, batch0), _latency(loaded, model, batch0)
     baseline = replace(loaded, model=baseline_model) if recipe.bench is not None else None
-    del baseline_model
+    del baseline_model, ctx
     report = {
         "model": loaded.spec,
         "recipe": recipe_to_dict(recipe),
         "metrics": {"baseline": base_metrics, "compressed": comp_metrics},
         "size_bytes": {"baseline": base_size, "compressed": deployed_size_bytes(model)},
         "latency_ms": {
-            "note": "PyTorch eager on this CPU; fake-quantized layers compute in float, so they are not faster here",
+            "note": f"PyTorch eager on {dev.type}; fake-quantized layers compute in float, so they are not faster here",
             "batch": _batch_size(batch0),
             "baseline": base_lat,
             "compressed": comp_lat,
@@ -116,13 +162,22 @@ def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str = "cpu"
         "environment": environment(),
     }
     files = {"recipe.yaml": dump_recipe(recipe), "report.json": report, "report.md": report_markdown(report)}
-    extra = None
+    deploy = None
     if recipe.export is not None or recipe.bench is not None:
-        extra = _deploy_files(replace(loaded, model=model), baseline, recipe, report, Path(out))
-    out = save(model, out, files, extra)
-    _copy_tokenizer(loaded, out)
+        deploy = _deploy_files(replace(loaded, model=model), baseline, recipe, report, Path(out))
+    out = save(model, out, files, _with_tokenizer(loaded, deploy))
     loaded.model = model
     return JobResult(out, report)
+
+
+def _with_tokenizer(loaded: LoadedModel, deploy):
+    """``save``'s ``extra``: the tokenizer files (inside the atomic folder), then the deploy stage."""
+
+    def extra(tmp: Path) -> dict:
+        _copy_tokenizer(loaded, tmp)
+        return deploy(tmp) if deploy is not None else {}
+
+    return extra
 
 
 def _deploy_files(
@@ -148,71 +203,3 @@ def _copy_tokenizer(loaded: LoadedModel, out: Path) -> None:
         src = Path(loaded.tokenizer_dir) / name
         if src.is_file():
             shutil.copy2(src, dst / name)
-
-
-def summary_rows(report: dict) -> list[tuple[str, str, str]]:
-    """(what, baseline, compressed) rows for the console table and report.md."""
-    b, c = report["metrics"]["baseline"], report["metrics"]["compressed"]
-    rows = []
-    for key in ("top1", "top1_agreement", "cosine_mean", "nn_agreement", "perplexity"):
-        if key in b or key in c:
-            rows.append((key, str(b.get(key, "—")), str(c.get(key, "—"))))
-    sb, sc = report["size_bytes"]["baseline"], report["size_bytes"]["compressed"]
-    rows.append(("size (MB)", f"{sb / 1e6:.3f}", f"{sc / 1e6:.3f} ({sb / max(sc, 1):.2f}x smaller)"))
-    lat = report["latency_ms"]
-    rows.append(
-        (
-            f"latency CPU b{lat['batch']} (ms, median)",
-            str(lat["baseline"]["median_ms"]),
-            str(lat["compressed"]["median_ms"]),
-        )
-    )
-    return rows + _deploy_rows(report.get("deploy") or {})
-
-
-def _deploy_rows(deploy: dict) -> list[tuple[str, str, str]]:
-    """Rows for the ``export:`` / ``bench:`` recipe sections (absent when they did not run)."""
-    rows = []
-    if "bench" in deploy:
-        b = deploy["bench"]
-        med = {r["target"]: r["latency"]["median_ms"] for r in b["results"]}
-        what = f"latency {b['backend']} b{b['batch']} (ms, median)"
-        rows.append((what, str(med["baseline"]), f"{med['compressed']} ({b['speedup']:.2f}x faster)"))
-    if "export" in deploy:
-        v = deploy["export"]["verification"]
-        fid = (
-            f"top-1 agree {v['top1_agreement']}%"
-            if "top1_agreement" in v
-            else f"cosine min {v['cosine_min']}"
-        )
-        rows.append(("ONNX export (verified vs PyTorch)", "—", f"{deploy['export']['file']}: {fid}"))
-    return rows
-
-
-def report_markdown(report: dict) -> str:
-    lines = [
-        f"# edgecompress report: {report['model']}",
-        "",
-        "| metric | baseline | compressed |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
-    lines += ["", f"Latency: {report['latency_ms']['note']}.", ""]
-    for rec in report["passes"]:
-        lines += [
-            f"## pass `{rec['pass']}` ({rec['seconds']} s)",
-            "",
-            "| module | what | bits | SQNR (dB) |",
-            "|---|---|---|---|",
-        ]
-        for row in rec["layers"]:
-            bits = row.get("bits", row.get("w_bits", ""))
-            what = row.get("quantizer", row.get("layer", ""))
-            sq = row.get("sqnr_db", row.get("weight_sqnr_db", ""))
-            lines.append(f"| {row['name']} | {what} {row.get('role', '')} | {bits} | {sq} |")
-        lines.append("")
-    env = report["environment"]
-    lines.append(
-        f"Environment: torch {env['torch']}, {env['cpu']}, {env['threads']} threads, CUDA: {env['cuda']}."
-    )
-    return "\n".join(lines) + "\n"

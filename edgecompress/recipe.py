@@ -1,8 +1,15 @@
 """Recipes: YAML ⇄ an ordered list of passes, parsed strictly.
 
 Unknown keys, unknown passes and mistyped fields are errors that name their path
-(``passes[1].bits``) and suggest the closest valid name. :func:`dump_recipe` writes the resolved
-recipe (every default and version filled in); loading it back gives an equal :class:`Recipe`.
+(``passes[1].bits``) and suggest the closest valid name; a pass placed after one it cannot follow
+is refused naming both (:func:`edgecompress.pipeline.check_order`); a pass entry's optional
+``version`` must equal the pass's ``VERSION``. :func:`dump_recipe` writes the resolved recipe
+(every default and version filled in); loading it back gives an equal :class:`Recipe`.
+
+Sections: ``calibration`` and ``eval`` (data, samples, batch size), ``train`` (the training
+data and the :class:`~edgecompress.train.TrainConfig` defaults of every training pass; a pass
+field of the same name overrides it), ``export`` and ``bench`` (deployment after compression),
+and ``device`` (``cpu`` or ``cuda``; the CLI's ``--device`` overrides it).
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from typing import Any, Literal
 import yaml
 
 from edgecompress.errors import UserError
-from edgecompress.pipeline import PASSES, load_builtin_passes
+from edgecompress.pipeline import PASSES, check_order, load_builtin_passes
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: a wheel ships them
+DEVICES = ("cpu", "cuda")
 SECTIONS = {
     "calibration": {"data": str, "samples": int, "batch_size": int, "seed": int},
     "eval": {"data": str, "samples": int, "batch_size": int},
@@ -54,16 +62,33 @@ SECTION_DEFAULTS = {
         "iterations": 100,
     },
 }
-OPTIONAL_SECTIONS = ("export", "bench")  # absent = that stage does not run
-TOP_LEVEL = ("model", "calibration", "eval", "passes", *OPTIONAL_SECTIONS)
+OPTIONAL_SECTIONS = ("train", "export", "bench")  # absent = that stage does not run / has no data
+TOP_LEVEL = ("model", "device", "calibration", "eval", "passes", *OPTIONAL_SECTIONS)
+
+
+def _train_section() -> tuple[dict, dict]:
+    """The ``train:`` fields: data spec and sample count, then every TrainConfig field."""
+    from edgecompress.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    spec = {"data": str, "samples": int}
+    defaults: dict = {"data": None, "samples": 0}
+    for f in dataclasses.fields(TrainConfig):
+        spec[f.name], defaults[f.name] = hints[f.name], f.default
+    return spec, defaults
+
+
+SECTIONS["train"], SECTION_DEFAULTS["train"] = _train_section()
 
 
 @dataclass
 class Recipe:
     passes: list = field(default_factory=list)
     model: str | None = None
+    device: str = "cpu"
     calibration: dict = field(default_factory=lambda: dict(SECTION_DEFAULTS["calibration"]))
     eval: dict = field(default_factory=lambda: dict(SECTION_DEFAULTS["eval"]))
+    train: dict | None = None  # the training passes' data and TrainConfig defaults
     export: dict | None = None  # after compress: verified ONNX (or TensorRT engine) in the output folder
     bench: dict | None = None  # after compress: latency of baseline vs compressed on one backend
 
@@ -119,6 +144,13 @@ def parse_pass(entry: Any, path: str):
     for key, value in entry.items():
         if key == "pass":
             continue
+        if key == "version":
+            if value != cls.VERSION:
+                raise UserError(
+                    f"{path}.version: the recipe is written for {name} version {value!r}; "
+                    f"this edgecompress has version {cls.VERSION}"
+                )
+            continue
         if key not in fields:
             raise UserError(f"{path}.{key}: unknown field of pass {name!r}{_suggest(key, fields)}")
         kwargs[key] = _check_type(value, hints[key], f"{path}.{key}")
@@ -154,13 +186,33 @@ def recipe_from_dict(data: Any) -> Recipe:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise UserError(f"model: expected a model spec string, got {model!r}")
-    return Recipe(
-        passes=[parse_pass(p, f"passes[{i}]") for i, p in enumerate(passes)],
+    device = data.get("device") or "cpu"
+    if device not in DEVICES:
+        raise UserError(f"device: {device!r} is not one of {list(DEVICES)}")
+    parsed = [parse_pass(p, f"passes[{i}]") for i, p in enumerate(passes)]
+    check_order(parsed)
+    recipe = Recipe(
+        passes=parsed,
         model=model,
+        device=device,
         calibration=_parse_section("calibration", data.get("calibration")),
         eval=_parse_section("eval", data.get("eval")),
         **{k: _parse_section(k, data[k]) for k in OPTIONAL_SECTIONS if data.get(k) is not None},
     )
+    if recipe.train is not None:
+        train_config(recipe.train)  # validates the values in one line
+    return recipe
+
+
+def train_config(section: dict):
+    """The :class:`~edgecompress.train.TrainConfig` of a parsed ``train:`` section."""
+    from edgecompress.train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in section.items() if k in names})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"train: {e}") from None
 
 
 def resolve_recipe_path(path_or_name: str) -> Path:
@@ -233,13 +285,16 @@ def _step(node: Any, part: str, path: str, create: bool) -> Any:
 def recipe_to_dict(recipe: Recipe) -> dict:
     out = {
         "model": recipe.model,
+        "device": recipe.device,
         "calibration": dict(recipe.calibration),
         "eval": dict(recipe.eval),
-        "passes": [{"pass": p.name, **_plain(dataclasses.asdict(p))} for p in recipe.passes],
+        "passes": [
+            {"pass": p.name, "version": p.VERSION, **_plain(dataclasses.asdict(p))} for p in recipe.passes
+        ],
     }
     for key in OPTIONAL_SECTIONS:
         if getattr(recipe, key) is not None:
-            out[key] = dict(getattr(recipe, key))
+            out[key] = _plain(dict(getattr(recipe, key)))
     return out
 
 

@@ -88,6 +88,30 @@ def _bad(tmp_path, ckpt):
         ),
         "data does not fit": (["--calib", "text"], "does not fit image model"),
         "unknown data": (["--calib", "mnist"], "unknown data spec"),
+        "impossible pass order": (
+            ["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_ptq}, {pass: adalog}]")],
+            "passes[1] 'adalog' cannot follow passes[0] 'uniform_ptq'",
+        ),
+        "pass version": (
+            ["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_ptq, version: 9}]")],
+            "uniform_ptq version 9",
+        ),
+        "unknown train field": (
+            ["--recipe", _recipe(tmp_path, "train: {stepz: 3}\npasses: [{pass: uniform_ptq}]")],
+            "train.stepz: unknown field",
+        ),
+        "bad train value": (
+            ["--recipe", _recipe(tmp_path, "train: {lr: -1}\npasses: [{pass: uniform_ptq}]")],
+            "train: lr",
+        ),
+        "recipe device without a GPU": (
+            ["--recipe", _recipe(tmp_path, "device: cuda\npasses: [{pass: uniform_ptq}]")],
+            "no CUDA GPU" if not torch.cuda.is_available() else "",
+        ),
+        "unknown device": (
+            ["--recipe", _recipe(tmp_path, "device: tpu\npasses: [{pass: uniform_ptq}]")],
+            "device",
+        ),
     }
 
 
@@ -96,7 +120,8 @@ CASES = [
     "unknown timm arch", "missing hf dir", "unknown demo", "no local weights", "missing weights",
     "truncated weights", "not safetensors", "pickle weights", "weights do not fit", "nan model",
     "empty calibration folder", "empty text file", "data does not fit", "unknown data",
-]  # fmt: skip
+    "impossible pass order", "pass version", "unknown train field", "bad train value", "unknown device",
+] + (["recipe device without a GPU"] if not torch.cuda.is_available() else [])  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -145,7 +170,11 @@ def test_unknown_argument_is_exit_2(capsys):
 def test_passes_lists_fields(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
-    assert "uniform_ptq:" in out and "w_bits: int = 8" in out and "observer: minmax|percentile|mse" in out
+    assert (
+        "uniform_ptq (quantize, version 1):" in out
+        and "w_bits: int = 8" in out
+        and "observer: minmax|percentile|mse" in out
+    )
 
 
 def test_compress_eval_inspect_on_tiny_model(tmp_path, tiny_ckpt, capsys):

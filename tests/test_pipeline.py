@@ -9,10 +9,12 @@ import torch
 
 from edgecompress.calib import make_context
 from edgecompress.errors import UserError
-from edgecompress.models.loading import load_model
-from edgecompress.pipeline import restore, run, save
-from edgecompress.quantize.modules import QuantLinear, UniformQuantizer
+from edgecompress.models.loading import load_model, restore
+from edgecompress.models.slots import SlotLinear
+from edgecompress.pipeline import run
+from edgecompress.quantize.modules import UniformQuantizer
 from edgecompress.quantize.ptq import UniformPTQ
+from edgecompress.structure import save
 from tests.conftest import tiny_timm
 
 # W8A8 on random-weight tiny models: the output SQNR floor we require against the float model.
@@ -52,7 +54,7 @@ def test_timm_w8a8_compress_and_reload(arch, tmp_path):
     roles = {q.role for q in quantizers}
     assert {"weight", "linear_in", "attn_q", "attn_k", "attn_probs", "attn_v"} <= roles
     assert all(
-        isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith(("qkv", "fc1", "fc2"))
+        isinstance(m, SlotLinear) for n, m in model.named_modules() if n.endswith(("qkv", "fc1", "fc2"))
     )
     assert records[0]["layers"] and all("name" in r for r in records[0]["layers"])
 
@@ -103,9 +105,9 @@ def test_restore_rejects_corrupt_structure(tmp_path):
     loaded = tiny_timm()
     _compress_and_reload(loaded, [torch.randn(2, 3, 32, 32)], tmp_path)
     st = json.loads((tmp_path / "out" / "structure.json").read_text())
-    st["ops"][1]["cls"] = "NoSuchModule"
+    st["ops"][1]["cls"] = "edgecompress.models.slots.NoSuchModule"
     (tmp_path / "out" / "structure.json").write_text(json.dumps(st))
-    with pytest.raises(UserError, match="unknown module class 'NoSuchModule'"):
+    with pytest.raises(UserError, match="unknown module class 'edgecompress.models.slots.NoSuchModule'"):
         restore(tmp_path / "out")
 
 

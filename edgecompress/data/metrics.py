@@ -17,13 +17,15 @@ from edgecompress.models.loading import LoadedModel
 def outputs(loaded: LoadedModel, model: nn.Module, data: Batches) -> list[torch.Tensor]:
     """The model's main output per batch (logits, or pooled normalized embeddings for encoders)."""
     model.eval()
+    device = next(iter(model.parameters()), torch.empty(0)).device  # batches go where the model is
     outs = []
     for b in tqdm(data.batches, desc="evaluate", unit="batch", leave=False, disable=None):
+        b = {k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else b.to(device)
         y = loaded.call(model, b).float()
         if loaded.kind == "encoder":
             mask = b["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
             y = F.normalize((y * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)  # mean pooling → [B, D]
-        outs.append(y)
+        outs.append(y.cpu())
     return outs
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgecompress.data.samples import SampleSet
 from edgecompress.errors import UserError
 from edgecompress.models.loading import LoadedModel
 
@@ -30,7 +31,7 @@ def _chunks(x, size: int) -> list:
     return [x[i : i + size] for i in range(0, len(x), size)]
 
 
-def _images(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: int) -> Batches:
+def _image_tensors(spec: str, loaded: LoadedModel, split: str, samples: int):
     from edgecompress.data.images import digits_split, fit_images, imagefolder
 
     cfg = loaded.data_cfg
@@ -47,10 +48,10 @@ def _images(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size
         )
     if samples:
         x, labels = x[:samples], labels[:samples]
-    return Batches(_chunks(x, batch_size), labels, spec, len(x))
+    return x, labels
 
 
-def _text(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: int) -> Batches:
+def _tokenizer_and_texts(spec: str, loaded: LoadedModel, split: str, samples: int):
     from transformers import AutoTokenizer
 
     from edgecompress.data.text import load_texts
@@ -63,6 +64,16 @@ def _text(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: 
     tok = AutoTokenizer.from_pretrained(loaded.tokenizer_dir, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return tok, texts
+
+
+def _images(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: int) -> Batches:
+    x, labels = _image_tensors(spec, loaded, split, samples)
+    return Batches(_chunks(x, batch_size), labels, spec, len(x))
+
+
+def _text(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: int) -> Batches:
+    tok, texts = _tokenizer_and_texts(spec, loaded, split, samples)
     batches = []
     for chunk in _chunks(texts, batch_size):
         enc = tok(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
@@ -70,11 +81,8 @@ def _text(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: 
     return Batches(batches, None, spec, len(texts))
 
 
-def load_data(
-    spec: str | None, loaded: LoadedModel, split: str, samples: int = 0, batch_size: int = 32
-) -> Batches:
-    """Load ``spec`` (default: digits for image models, built-in text otherwise) for ``loaded``."""
-    spec = spec or default_data(loaded)
+def _check_spec(spec: str, loaded: LoadedModel, samples: int, batch_size: int) -> bool:
+    """Whether ``spec`` is image data; one-line errors for specs that do not fit ``loaded``."""
     is_image_spec = spec == "digits" or spec.startswith("imagefolder:")
     is_text_spec = spec == "text" or spec.startswith("text:")
     if not (is_image_spec or is_text_spec):
@@ -88,6 +96,33 @@ def load_data(
         raise UserError(f"data {spec!r} does not fit {loaded.kind} model {loaded.spec}: it needs {want}")
     if samples < 0 or batch_size <= 0:
         raise UserError("samples must be ≥ 0 and batch_size > 0")
+    return is_image_spec
+
+
+def load_samples(
+    spec: str | None, loaded: LoadedModel, split: str, samples: int = 0, batch_size: int = 32
+) -> SampleSet:
+    """Like :func:`load_data`, as one :class:`~edgecompress.data.samples.SampleSet` (training):
+    text padded to the longest text of the split; its batches are trimmed to their own longest."""
+    spec = spec or default_data(loaded)
+    if _check_spec(spec, loaded, samples, batch_size):
+        x, labels = _image_tensors(spec, loaded, split, samples)
+        if len(x) == 0:
+            raise UserError(f"data {spec!r} is empty")
+        return SampleSet(x, labels, batch_size)
+    tok, texts = _tokenizer_and_texts(spec, loaded, split, samples)
+    if not texts:
+        raise UserError(f"data {spec!r} is empty")
+    enc = tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+    return SampleSet(dict(enc), None, batch_size)
+
+
+def load_data(
+    spec: str | None, loaded: LoadedModel, split: str, samples: int = 0, batch_size: int = 32
+) -> Batches:
+    """Load ``spec`` (default: digits for image models, built-in text otherwise) for ``loaded``."""
+    spec = spec or default_data(loaded)
+    is_image_spec = _check_spec(spec, loaded, samples, batch_size)
     out = (_images if is_image_spec else _text)(spec, loaded, split, samples, batch_size)
     if out.count == 0:
         raise UserError(f"data {spec!r} is empty")

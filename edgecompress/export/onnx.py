@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgecompress.errors import UserError
-from edgecompress.export.forms import has_quantizers, to_export_form
+from edgecompress.export.forms import ExportOptions, export_category, to_export_form
 from edgecompress.export.graph import dedicate_qdq, fold_scalar_mul_into_dq, qdq_summary
 from edgecompress.export.inputs import as_batch, input_names, output_name, synthetic
 from edgecompress.export.runtime import resolve_weight_dtype
@@ -129,7 +129,7 @@ def export_onnx(
     dtype, why = resolve_weight_dtype(weight_dtype, target)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    form, counts = to_export_form(loaded.model, target, dtype)
+    form, counts = to_export_form(loaded.model, ExportOptions(target, dtype))
     module = GraphModule(loaded, form).eval()
     example = synthetic(loaded, max(batch, 2) if dynamic_batch else batch, seq=16)
     names, out = input_names(loaded), output_name(loaded)
@@ -155,7 +155,7 @@ def export_onnx(
     model = check_onnx(path)
     return ExportResult(
         path, used, opset, names, out, "dynamic" if dynamic_batch else batch, target,
-        has_quantizers(loaded.model), dtype, why, counts, qdq_summary(model), rewrites, reason,
+        export_category(loaded.model) == "quantized", dtype, why, counts, qdq_summary(model), rewrites, reason,
         round(time.perf_counter() - t0, 2),
     )  # fmt: skip
 

@@ -47,11 +47,11 @@ def register_symbolics(opset: int) -> None:
     """Register our symbolics once per opset (idempotent)."""
     import torch
 
-    from edgecompress.export.forms import _decomposed_ops
+    from edgecompress.export.forms.uniform import decomposed_ops
 
     if opset in _REGISTERED:
         return
-    _decomposed_ops()
+    decomposed_ops()
     for name, fn in (
         ("dequantize_per_channel", _dequantize_per_channel),
         ("quantize_per_tensor", _quantize_per_tensor),

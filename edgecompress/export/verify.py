@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecompress.errors import UserError
-from edgecompress.export.forms import has_quantizers
+from edgecompress.export.forms import export_category
 from edgecompress.export.inputs import as_batch, sample_batches
 from edgecompress.export.runtime import ort_session, session_config
 from edgecompress.models.loading import LoadedModel
@@ -145,7 +145,7 @@ def verify_onnx(
         metrics["top1_agreement"] = round(
             100.0 * sum(a for a, _ in tops) / max(1, sum(n for _, n in tops)), 3
         )
-    quantized = has_quantizers(loaded.model)
+    quantized = export_category(loaded.model) == "quantized"
     fails = _judge(loaded.kind, metrics, quantized)
     return {
         "onnx": str(path),

@@ -1,41 +1,47 @@
-"""Attention in explicit form: q@kᵀ, softmax and A@V as separate, quantizable points.
+"""Attention in explicit form: an adapter with named slots and a swappable core.
 
 timm and Hugging Face fuse attention into ``scaled_dot_product_attention``; PTQ needs the inputs
-of both matmuls. :class:`AttentionMatmuls` is the common form: it receives per-head ``q, k, v``
-(``[B, H, N, D]``; K/V may have fewer heads) and runs them through the points ``q_point``,
-``k_point``, ``probs_point`` and ``v_point``.
+of both matmuls and SeerAttention needs to replace the kernel. :class:`AttentionAdapter` is the
+common form: it receives per-head ``q, k, v`` (``[B, H, N, D]``; K/V may have fewer heads),
+runs them through the slots ``q``, ``k``, ``v`` (:class:`~edgecompress.models.slots.Chain`) and
+hands them to its ``core``. :class:`DenseAttentionCore` computes ``softmax(q kᵀ · scale + bias)``,
+the ``probs`` slot, then ``· v``. A pass that replaces the core (a swap of ``<adapter>.core``)
+leaves the slots alone; a core that computes the softmax inside a fused kernel says so with
+``SUPPORTS_PROBS = False`` and a later PTQ pass quantizes q, k, v around it.
 
 * timm ``Attention`` (ViT, DeiT) and Swin ``WindowAttention`` are swapped for subclasses that
   override ``forward`` only and keep every parameter name, so checkpoints load unchanged.
 * Hugging Face models are not touched in code: an attention function is registered under the name
   ``"edgecompress"`` through transformers' public ``AttentionInterface`` and each attention module
-  gets an ``ec_matmuls`` child; this covers BERT-style encoders, ViT and Llama-style decoders
+  gets an ``ec_attn`` child; this covers BERT-style encoders, ViT and Llama-style decoders
   (which pass q/k after RoPE, as the paper's quantizers expect).
+
+The change is one ``explicit_attention`` op in the structure log, replayed by this module.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from edgecompress.models.points import QuantPoint
-from edgecompress.models.targeting import record_op, structure_of
+from edgecompress.models.slots import Chain
+from edgecompress.structure import record, register_op, register_swap, structure_of
 
 HF_IMPL = "edgecompress"
+ADAPTER = "ec_attn"
+SLOT_ROLES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "probs": "attn_probs"}
 
 
-class AttentionMatmuls(nn.Module):
-    """``softmax(q kᵀ · scale + bias) v`` with a quantization point on each matmul input."""
+@register_swap
+class DenseAttentionCore(nn.Module):
+    """``probs(softmax(q kᵀ · scale + bias)) @ v`` with grouped-query heads shared (the reference)."""
 
-    def __init__(self):
-        super().__init__()
-        self.q_point = QuantPoint("attn_q")
-        self.k_point = QuantPoint("attn_k")
-        self.probs_point = QuantPoint("attn_probs")
-        self.v_point = QuantPoint("attn_v")
+    VERSION: ClassVar[int] = 1
+    SUPPORTS_PROBS: ClassVar[bool] = True
 
-    def forward(self, q, k, v, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-        q, k, v = self.q_point(q), self.k_point(k), self.v_point(v)  # [B, H, N, D], [B, Hkv, M, D]
+    def forward(self, q, k, v, bias: torch.Tensor | None, scale: float, probs: nn.Module) -> torch.Tensor:
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each K/V head
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -44,8 +50,28 @@ class AttentionMatmuls(nn.Module):
             if bias.dtype == torch.bool:
                 bias = torch.zeros_like(bias, dtype=scores.dtype).masked_fill(~bias, float("-inf"))
             scores = scores + bias
-        probs = self.probs_point(scores.softmax(dim=-1))
-        return probs @ v  # [B, H, N, D]
+        return probs(scores.softmax(dim=-1)) @ v  # [B, H, N, D]
+
+    def swap_config(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_swap(cls, original, config: dict) -> DenseAttentionCore:
+        return cls()
+
+
+class AttentionAdapter(nn.Module):
+    """Slots ``q``, ``k``, ``v``, ``probs`` around a swappable ``core``."""
+
+    def __init__(self):
+        super().__init__()
+        for name, role in SLOT_ROLES.items():
+            setattr(self, name, Chain(role))
+        self.core: nn.Module = DenseAttentionCore()
+
+    def forward(self, q, k, v, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+        q, k, v = self.q(q), self.k(k), self.v(v)  # [B, H, N, D], [B, Hkv, M, D]
+        return self.core(q, k, v, bias, scale, self.probs)
 
 
 def _adopt(cls: type, original: nn.Module) -> nn.Module:
@@ -53,7 +79,7 @@ def _adopt(cls: type, original: nn.Module) -> nn.Module:
     new = cls.__new__(cls)
     new.__dict__.update(original.__dict__)
     new.__dict__["_modules"] = dict(original._modules)
-    new.matmuls = AttentionMatmuls()
+    new.ec_attn = AttentionAdapter()
     return new
 
 
@@ -62,7 +88,7 @@ def _timm_classes() -> dict[type, type]:
     from timm.models.swin_transformer import WindowAttention
 
     class ExplicitAttention(Attention):
-        """timm ``Attention`` with the non-fused path routed through :class:`AttentionMatmuls`."""
+        """timm ``Attention`` with the non-fused path routed through :class:`AttentionAdapter`."""
 
         def forward(self, x, attn_mask=None, is_causal=False):
             B, N, _ = x.shape
@@ -72,7 +98,7 @@ def _timm_classes() -> dict[type, type]:
             q, k = self.q_norm(q), self.k_norm(k)
             if is_causal:
                 attn_mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-            x = self.matmuls(q, k, v, attn_mask, self.scale)
+            x = self.ec_attn(q, k, v, attn_mask, self.scale)
             x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
             x = self.norm(x)
             if gate is not None:
@@ -91,7 +117,7 @@ def _timm_classes() -> dict[type, type]:
                 nw = mask.shape[0]
                 bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(B_ // nw, -1, -1, -1, -1)
                 bias = bias.reshape(-1, self.num_heads, N, N)
-            x = self.matmuls(q, k, v, bias, self.scale)
+            x = self.ec_attn(q, k, v, bias, self.scale)
             x = x.transpose(1, 2).reshape(B_, N, -1)
             return self.proj_drop(self.proj(x))
 
@@ -109,12 +135,12 @@ def _timm_map() -> dict[type, type]:
 
 
 def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: explicit matmuls through ``module.ec_matmuls``."""
+    """transformers attention function: explicit attention through ``module.ec_attn``."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     mask = attention_mask
     if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[-2]:
         mask = mask[..., : key.shape[-2]]
-    out = module.ec_matmuls(query, key, value, mask, scale)  # [B, H, N, D]
+    out = module.ec_attn(query, key, value, mask, scale)  # [B, H, N, D]
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -148,18 +174,24 @@ def _hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "scaling") and hasattr(m, "config")]
 
 
+def adapters(model: nn.Module) -> list[tuple[str, AttentionAdapter]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AttentionAdapter)]
+
+
 def explicit_attention_(model: nn.Module) -> list[str]:
     """Make every supported attention explicit, in place; returns the attention modules' names.
 
-    Idempotent. Records one ``explicit_attention`` op in the structure map.
+    Idempotent: a model that already has adapters (from an earlier pass or a replay) is left as
+    it is, so a replaced core survives. Records one ``explicit_attention`` op.
     """
-    if any(isinstance(m, AttentionMatmuls) for m in model.modules()):
-        return [n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, AttentionMatmuls)]
+    found = adapters(model)
+    if found:
+        return [n.rpartition(".")[0] for n, _ in found]
     done = []
     if _is_hf(model):
         _set_hf_impl(model)
         for name, mod in _hf_attention_modules(model):
-            mod.ec_matmuls = AttentionMatmuls()
+            mod.ec_attn = AttentionAdapter()
             done.append(name)
     else:
         mapping = _timm_map()
@@ -169,6 +201,11 @@ def explicit_attention_(model: nn.Module) -> list[str]:
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, _adopt(new_cls, mod))
                 done.append(name)
-    structure_of(model)  # make sure the map exists even if nothing matched
-    record_op(model, {"op": "explicit_attention", "modules": done})
+    structure_of(model)  # make sure the log exists even if nothing matched
+    record(model, {"op": "explicit_attention", "modules": done})
     return done
+
+
+@register_op("explicit_attention")
+def _replay(model: nn.Module, op: dict) -> None:
+    explicit_attention_(model)

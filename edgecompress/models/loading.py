@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgecompress.errors import UserError
-from edgecompress.models.targeting import replay, structure_of
+from edgecompress.structure import load_tensors, read_structure, replay, structure_of
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".ckpt"}
 
@@ -60,15 +60,21 @@ class LoadedModel:
         return out.logits if self.kind == "causal_lm" else out.last_hidden_state
 
 
+def _refuse_pickle(path: Path) -> None:
+    """One line for a missing file or a pickle checkpoint (by suffix or magic bytes)."""
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if path.suffix in PICKLE_SUFFIXES or head[:2] in (b"PK", b"\x80\x02", b"\x80\x04", b"\x80\x05"):
+        raise UserError(f"{path} looks like a pickle checkpoint; edgecompress only loads .safetensors files")
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    head = path.read_bytes()[:4]
-    if path.suffix in PICKLE_SUFFIXES or head[:2] in (b"PK", b"\x80\x02", b"\x80\x04", b"\x80\x05"):
-        raise UserError(f"{path} looks like a pickle checkpoint; edgecompress only loads .safetensors files")
+    _refuse_pickle(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -80,7 +86,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
-    shaped = [k for k in state if k in own and state[k].shape != own[k].shape and "quant" not in k]
+    shaped = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or extra or shaped:
         what = (
             f"missing {missing[0]!r}"
@@ -267,27 +273,23 @@ def _build_base(base: dict) -> nn.Module:
 
 
 def load_structure_dir(folder: Path) -> LoadedModel:
-    """Rebuild a compressed model: base architecture + recorded swaps + saved tensors."""
-    from safetensors.torch import load_model as st_load_model
+    """Rebuild a compressed model: base architecture + replayed ops + saved tensors (no pickle).
 
-    from edgecompress.pipeline import load_builtin_passes
+    ``structure.json``'s format, its passes' versions and every tensor's shape are checked first;
+    replay imports only the modules that define the recorded classes and ops, never a pass.
+    """
+    from edgecompress.pipeline import check_pass_versions
 
-    load_builtin_passes()  # registers every swap class the passes use
-    try:
-        structure = json.loads((folder / "structure.json").read_text())
-        base = structure["base"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{folder}/structure.json is missing or corrupt ({e})") from None
+    structure = read_structure(folder)
+    check_pass_versions(structure["passes"], f"{folder}/structure.json")
+    base = structure["base"]
     weights = folder / "model.safetensors"
-    _read_safetensors(weights)  # clear error for missing / corrupt / pickle files
+    _read_safetensors_header(weights)  # clear error for missing / corrupt / pickle files
     model = _build_base(base)
-    structure_of(model)["base"] = base
-    replay(model, structure.get("ops", []))
-    _resize_buffers_from(model, weights)
-    try:
-        st_load_model(model, str(weights), strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{weights} does not fit the rebuilt model ({str(e).splitlines()[0]})") from None
+    st = structure_of(model)
+    st["base"], st["passes"] = base, list(structure["passes"])
+    replay(model, structure["ops"])
+    load_tensors(model, weights, structure.get("tensors"))
     loaded = LoadedModel(
         model.eval(), str(folder), base["model_kind"], base, dict(base.get("data_cfg") or {})
     )
@@ -295,16 +297,11 @@ def load_structure_dir(folder: Path) -> LoadedModel:
     return loaded
 
 
-def _resize_buffers_from(model: nn.Module, weights: Path) -> None:
-    """Give resizable buffers (quantizer parameters) their saved shapes before a strict load."""
-    from safetensors import safe_open
+def restore(out_dir: str | Path) -> nn.Module:
+    """Rebuild a compressed model from a folder written by :func:`edgecompress.structure.save`."""
+    return load_structure_dir(Path(out_dir)).model
 
-    with safe_open(str(weights), "pt") as f:
-        keys = set(f.keys())
-        for name, mod in model.named_modules():
-            for bname, buf in list(mod._buffers.items()):
-                key = f"{name}.{bname}" if name else bname
-                if buf is not None and key in keys:
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != tuple(buf.shape):
-                        mod._buffers[bname] = torch.empty(shape, dtype=buf.dtype, device=buf.device)
+
+def _read_safetensors_header(path: Path) -> None:
+    _refuse_pickle(path)
+    _check_safetensors_header(path)

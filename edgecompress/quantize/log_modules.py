@@ -1,7 +1,7 @@
 """Quantizer modules for the log-domain and tangent quantizers (log2, log√2, AdaLog, TanQ).
 
 Same contract as :class:`edgecompress.quantize.modules.UniformQuantizer`: parameters are buffers
-(saved in ``model.safetensors``, resized on load), ``forward`` fake-quantizes with the pure
+(saved in ``model.safetensors``, their shapes restored on load), ``forward`` fake-quantizes with the pure
 functions of :mod:`~edgecompress.quantize.log` / :mod:`~edgecompress.quantize.tan`, the class is a
 registered swap (``swap_config`` / ``from_swap``) so ``restore()`` rebuilds it, ``describe()`` is
 one row of the per-layer report (merged with ``.stats``), and ``code_table()`` gives the
@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from edgecompress.models.targeting import register_swap
 from edgecompress.quantize.log import (
     ADALOG_R,
     adalog_code_table,
@@ -23,8 +22,9 @@ from edgecompress.quantize.log import (
     fake_quant_logsqrt2,
     log_code_table,
 )
-from edgecompress.quantize.modules import ResizableBuffers
+from edgecompress.quantize.modules import Quantizer
 from edgecompress.quantize.tan import fake_quant_tanq, tanq_code_table
+from edgecompress.structure import register_swap
 
 _LOG_KINDS = {"log2": (fake_quant_log2, 1.0), "logsqrt2": (fake_quant_logsqrt2, 2.0)}
 
@@ -35,7 +35,7 @@ def _scalar(t: torch.Tensor) -> float | dict:
 
 
 @register_swap
-class LogQuantizer(ResizableBuffers):
+class LogQuantizer(Quantizer):
     """log2 (FQ-ViT, ``kind="log2"``) or log√2 (RepQ-ViT, ``kind="logsqrt2"``) per-tensor quantizer."""
 
     def __init__(self, bits: int, kind: str = "logsqrt2", role: str = "", strict_bits: bool = False):
@@ -70,7 +70,7 @@ class LogQuantizer(ResizableBuffers):
 
 
 @register_swap
-class AdaLogQuantizer(ResizableBuffers):
+class AdaLogQuantizer(Quantizer):
     """AdaLog (ECCV 2024): base ``2^(q/37)`` with searched integer ``q``; LUT + shift dequant.
 
     ``shift`` is added before quantizing (post-GELU: c = 0.16997…). With ``fold_shift=True`` it is
@@ -129,7 +129,7 @@ class AdaLogQuantizer(ResizableBuffers):
 
 
 @register_swap
-class TanQuantizer(ResizableBuffers):
+class TanQuantizer(Quantizer):
     """TanQ (our companded construction for DopQ-ViT; see :mod:`edgecompress.quantize.tan`)."""
 
     def __init__(self, bits: int, role: str = ""):

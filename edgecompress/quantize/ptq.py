@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from edgecompress.calib import ActivationStats, observe
-from edgecompress.models.attention import explicit_attention_
-from edgecompress.models.points import points
-from edgecompress.models.targeting import replace_module, select_modules
+from edgecompress.errors import UserError
+from edgecompress.models.attention import SLOT_ROLES, adapters, explicit_attention_
+from edgecompress.models.slots import QUANTIZER, SlotLinear, add_to_chain, slot_linears
 from edgecompress.pipeline import Context, register_pass
-from edgecompress.quantize.modules import QuantLinear, UniformQuantizer, sqnr_db
+from edgecompress.quantize.modules import UniformQuantizer, sqnr_db
 from edgecompress.quantize.uniform import mse_search_range, params_from_range, weight_params
 
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_probs", "attn_v")
@@ -33,14 +33,37 @@ def check_bits(w_bits: int, a_bits: int) -> None:
             raise ValueError(f"{field_name} must be in [{MIN_BITS}, {MAX_BITS}], got {b}")
 
 
-def quantize_linears_(model: nn.Module, targets, ignore) -> list[str]:
-    """Swap every targeted ``nn.Linear`` for a :class:`QuantLinear`; returns their names."""
-    names = []
-    for name, mod in select_modules(model, targets, ignore):
-        if type(mod) is nn.Linear:
-            replace_module(model, name, QuantLinear.from_linear(mod))
-            names.append(name)
+def quantizable_linears(model: nn.Module, targets, ignore, ctx: Context) -> list[str]:
+    """Every targeted Linear as a :class:`SlotLinear` whose chains hold no quantizer yet.
+
+    Linears that cannot be swapped are noted in the pass report; a Linear an earlier pass already
+    quantized is a one-line error (the order check lets only passes with different targets meet).
+    """
+    names, skipped = slot_linears(model, targets, ignore)
+    for name, why in skipped:
+        ctx.notes.append(f"{name}: not quantized ({why})")
+    for name in names:
+        layer: SlotLinear = model.get_submodule(name)
+        if layer.weight_chain.find(QUANTIZER) is not None or layer.input_chain.find(QUANTIZER) is not None:
+            raise UserError(f"{name} is already quantized by an earlier pass (exclude it with ignore)")
     return names
+
+
+def attention_slots(model: nn.Module, ctx: Context) -> list[str]:
+    """Names of the attention slots to quantize: q, k, v, and probs where the core exposes it."""
+    out = []
+    for name, adapter in adapters(model):
+        for slot in SLOT_ROLES:
+            chain = getattr(adapter, slot)
+            if slot == "probs" and not getattr(adapter.core, "SUPPORTS_PROBS", False):
+                ctx.notes.append(
+                    f"{name}.probs: not quantized ({type(adapter.core).__name__} fuses the softmax)"
+                )
+                continue
+            if chain.find(QUANTIZER) is not None:
+                raise UserError(f"{name}.{slot} is already quantized by an earlier pass")
+            out.append(f"{name}.{slot}")
+    return out
 
 
 def activation_params(stats: ActivationStats, bits: int, symmetric: bool, observer: str, percentile: float):
@@ -61,6 +84,9 @@ class UniformPTQ:
     name: ClassVar[str] = "uniform_ptq"
     needs_data: ClassVar[bool] = True
 
+    family: ClassVar[str] = "quantize"
+    VERSION: ClassVar[int] = 1
+
     w_bits: int = 8
     a_bits: int = 8
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
@@ -69,7 +95,6 @@ class UniformPTQ:
     quantize_attention: bool = True
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ()
-    version: int = 1
 
     def __post_init__(self):
         check_bits(self.w_bits, self.a_bits)
@@ -79,26 +104,27 @@ class UniformPTQ:
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         if self.quantize_attention:
             explicit_attention_(model)
-        linears = quantize_linears_(model, self.targets, self.ignore)
+        linears = quantizable_linears(model, self.targets, self.ignore, ctx)
         for name in linears:
-            layer: QuantLinear = model.get_submodule(name)
-            w = layer.weight.detach()
+            layer: SlotLinear = model.get_submodule(name)
+            w = layer.effective_weight()  # after any earlier mask: zeros stay exactly zero
             wq = UniformQuantizer(self.w_bits, self.symmetric, "channel", "weight")
             wq.set_params(*weight_params(w, self.w_bits, self.symmetric))
             wq.stats = {"sqnr_db": round(sqnr_db(w, wq(w)), 2)}
-            replace_module(model, f"{name}.w_quant", wq)
-        act_points = [f"{n}.in_quant" for n in linears]
+            add_to_chain(model, f"{name}.weight_chain", wq)
+        act_points = [f"{n}.input_chain" for n in linears]
         if self.quantize_attention:
-            act_points += [n for n, _ in points(model, ATTENTION_ROLES)]
+            act_points += attention_slots(model, ctx)
         stats = observe(model, act_points, ctx.forward_loop, seed=ctx.seed)
         for name in act_points:
             role = model.get_submodule(name).role
             st = stats[name]
-            if st.sample is None:  # the point never ran (e.g. an unused head): leave it float
+            if st.sample is None:  # the slot never ran (e.g. an unused head): leave it float
+                ctx.notes.append(f"{name}: not quantized (never ran on the calibration data)")
                 continue
             sym = self.symmetric and role != "attn_probs"
             q = UniformQuantizer(self.a_bits, sym, "tensor", role)
             q.set_params(*activation_params(st, self.a_bits, sym, self.observer, self.percentile))
             q.stats = {"sqnr_db": round(sqnr_db(st.sample, q(st.sample)), 2), "observer": self.observer}
-            replace_module(model, name, q)
+            add_to_chain(model, name, q)
         return model

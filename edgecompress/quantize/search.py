@@ -9,7 +9,7 @@ call, candidates stacked in the leading dimension::
 activation, heads, or ``G = 1`` per tensor); the caller reshapes ``[C, G]`` to broadcast against
 its tensor and returns one error per candidate and group, so each group picks its own winner while
 all groups are searched together. Objectives (weight MSE, input MSE, layer-output MSE) live with
-their callers (:mod:`edgecompress.quantize.vit_ptq_objectives`); this module only proposes
+their callers (:mod:`edgecompress.quantize.vit_ptq.objectives`); this module only proposes
 candidates and keeps the best. No Python loop runs over candidates, only over refinement rounds.
 
 Choices where the paper and code are silent or where we deviate (all recorded in docstrings):

@@ -17,6 +17,15 @@ import torch
 SCALE_EPS = 1e-8
 
 
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(‖ref‖² / ‖ref − approx‖²)`` in dB."""
+    noise = (ref.double() - approx.double()).pow(2).sum()
+    signal = ref.double().pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise.clamp_min(1e-300)))
+
+
 def levels(bits: int) -> int:
     """Number of representable codes."""
     return 2**bits

@@ -12,9 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompress.export.forms import QDQActivation, QDQLinear, export_module, has_quantizers, to_export_form
+from edgecompress.export.forms import (
+    ExportOptions,
+    QDQActivation,
+    QDQLinear,
+    export_category,
+    export_module,
+    form_of,
+    to_export_form,
+)
+from edgecompress.models.slots import SlotLinear
 from edgecompress.quantize.log_modules import AdaLogQuantizer, LogQuantizer, TanQuantizer
-from edgecompress.quantize.modules import QuantLinear, UniformQuantizer
+from edgecompress.quantize.modules import UniformQuantizer
 from edgecompress.quantize.uniform import (
     dequantize_uniform,
     params_from_range,
@@ -63,26 +72,26 @@ def test_int8_zero_points_follow_the_mapping():
 @pytest.mark.parametrize("dtype", ["int8", "uint8"])
 def test_qdq_linear_weight_is_exactly_the_dequantized_grid(bits, symmetric, dtype):
     torch.manual_seed(0)
-    layer = QuantLinear.from_linear(nn.Linear(59, 97))
+    layer = SlotLinear.adopt(nn.Linear(59, 97))
     s, z = weight_params(layer.weight.detach(), bits, symmetric)
-    layer.w_quant = UniformQuantizer(bits, symmetric, "channel", "weight").set_params(s, z)
-    layer.in_quant = _quantizer(8, symmetric)
-    form = QDQLinear(layer, weight_dtype=dtype)
+    layer.weight_chain.append(UniformQuantizer(bits, symmetric, "channel", "weight").set_params(s, z))
+    layer.input_chain.append(_quantizer(8, symmetric))
+    form = QDQLinear(layer, ExportOptions(weight_dtype=dtype))
     assert form.int8 and form.w_codes.dtype == getattr(torch, dtype) and form.w_codes.shape == (59, 97)
     lo = 0 if dtype == "uint8" else -(2 ** (bits - 1))
     assert int(form.w_codes.min()) >= lo and int(form.w_codes.max()) <= lo + 2**bits - 1
     expected = dequantize_uniform(quantize_uniform(layer.weight, s, z, bits), s, z).t()
     assert torch.equal(form.weight_t(), expected.detach())
     x = torch.randn(3, 5, 59)
-    ref = torch.nn.functional.linear(form.in_quant(x), expected.t(), layer.bias)
+    ref = torch.nn.functional.linear(form.input_chain(x), expected.t(), layer.bias)
     torch.testing.assert_close(form(x), ref.detach(), rtol=1e-5, atol=1e-5)  # summation order only
 
 
 def test_linear_without_int8_input_keeps_float_weights():
-    layer = QuantLinear.from_linear(nn.Linear(16, 8))
+    layer = SlotLinear.adopt(nn.Linear(16, 8))
     s, z = weight_params(layer.weight.detach(), 8)
-    layer.w_quant = UniformQuantizer(8, False, "channel", "weight").set_params(s, z)
-    form = QDQLinear(layer)  # in_quant is still a QuantPoint: no Q/DQ on the input
+    layer.weight_chain.append(UniformQuantizer(8, False, "channel", "weight").set_params(s, z))
+    form = QDQLinear(layer)  # the input chain is empty: no Q/DQ on the input
     assert not form.int8 and form.weight_t().dtype == torch.float32
 
 
@@ -104,12 +113,21 @@ def test_lut_forms_reproduce_non_uniform_quantizers(mod):
 
 
 def test_to_export_form_copies_and_counts():
-    model = nn.Sequential(QuantLinear.from_linear(nn.Linear(8, 8)))
-    model[0].in_quant = _quantizer(8, False)
+    model = nn.Sequential(SlotLinear.adopt(nn.Linear(8, 8)))
+    model[0].input_chain.append(_quantizer(8, False))
     s, z = weight_params(model[0].weight.detach(), 8)
-    model[0].w_quant = UniformQuantizer(8, False, "channel", "weight").set_params(s, z)
+    model[0].weight_chain.append(UniformQuantizer(8, False, "channel", "weight").set_params(s, z))
     form, counts = to_export_form(model)
-    assert counts == {"QDQLinear": 1} and isinstance(model[0], QuantLinear)  # original untouched
-    assert has_quantizers(model) and not has_quantizers(nn.Sequential(nn.Linear(2, 2)))
+    assert counts == {"QDQLinear": 1} and isinstance(model[0], SlotLinear)  # original untouched
+    assert export_category(model) == "quantized"
+    assert export_category(nn.Sequential(SlotLinear.adopt(nn.Linear(2, 2)))) == "float"
     with pytest.raises(ValueError):
-        to_export_form(model, "tflite")
+        ExportOptions("tflite")
+
+
+def test_forms_are_found_through_the_class_hierarchy():
+    class MyQuantizer(UniformQuantizer):  # a subclass gets its parent's form and category
+        pass
+
+    q = MyQuantizer(8).set_params(torch.tensor(0.1), torch.tensor(3.0))
+    assert form_of(q).category == "quantized" and isinstance(export_module(q), QDQActivation)

@@ -15,11 +15,11 @@ from torch import nn
 
 from edgecompress.errors import UserError
 from edgecompress.export.deploy import export_verified, verification_path
-from edgecompress.export.forms import register_export_form
+from edgecompress.export.forms import register_form
 from edgecompress.export.runtime import optimized_ops, resolve_weight_dtype, u8s8_saturates
 from edgecompress.export.verify import _judge, check_verification, verify_onnx
 from edgecompress.models.loading import LoadedModel
-from edgecompress.quantize.modules import QuantLinear
+from edgecompress.models.slots import SlotLinear
 from tests.export.conftest import float_models
 from tests.export.models import compressed, tiny_bert_synthetic
 
@@ -52,7 +52,7 @@ def test_uniform_ptq_becomes_int8_qdq(fixture, bits, request, exported):
     loaded = request.getfixturevalue(fixture)
     res, model = exported(fixture, loaded)  # weight dtype auto: the one that is exact on this CPU
     assert res.weight_dtype == ("uint8" if u8s8_saturates() else "int8")
-    linears = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    linears = [m for m in loaded.model.modules() if isinstance(m, SlotLinear)]
     weights = _dq_weights(model)
     assert res.qdq["integer_weight_initializers"] == len(weights) == len(linears)
     lo = 0 if res.weight_dtype == "uint8" else -(2 ** (bits - 1))  # the b-bit grid inside the 8-bit type
@@ -172,7 +172,7 @@ class _Wrong(nn.Module):
 def test_a_faulty_export_form_is_caught_and_its_file_removed(vit, tmp_path, monkeypatch):
     from edgecompress.export import forms
 
-    monkeypatch.setitem(forms.EXPORT_FORMS, "_Mark", lambda mod, target: _Wrong())
+    monkeypatch.setitem(forms.FORMS, _Mark, forms.registry.Form(lambda mod, opts: _Wrong(), "float"))
     model = nn.Sequential(vit.model, _Mark())
     loaded = LoadedModel(model, vit.spec, "image", vit.base, vit.data_cfg)
     out = tmp_path / "m.onnx"
@@ -181,15 +181,19 @@ def test_a_faulty_export_form_is_caught_and_its_file_removed(vit, tmp_path, monk
     assert not out.exists() and verification_path(out).is_file()
 
 
-def test_own_export_module_method_is_used():
-    from edgecompress.export.forms import export_module
+def test_registered_form_is_used():
+    from edgecompress.export.forms import FORMS, export_module
 
     class Q(nn.Module):
-        def onnx_export_module(self):
-            return _Wrong()
+        pass
 
-    assert isinstance(export_module(Q()), _Wrong)
-    register_export_form("_Never")(lambda mod, target: mod)  # the decorator returns the factory
+    factory = register_form(Q, "quantized")(lambda mod, opts: _Wrong())  # the decorator returns it
+    try:
+        assert isinstance(export_module(Q()), _Wrong) and callable(factory)
+        with pytest.raises(ValueError, match="category"):
+            register_form(Q, "approximate")
+    finally:
+        FORMS.pop(Q)
 
 
 def test_dynamic_batch_graph_accepts_other_batch_sizes(vit_w8a8, exported):

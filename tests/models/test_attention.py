@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgecompress.models.attention import AttentionMatmuls, explicit_attention_
+from edgecompress.models.attention import AttentionAdapter, explicit_attention_
 from edgecompress.models.loading import load_model
-from edgecompress.models.points import points
+from edgecompress.models.slots import chains
 from tests.conftest import tiny_timm
 
 TOL = 1e-5
@@ -16,7 +16,8 @@ TOL = 1e-5
 def _count_point_calls(model):
     calls = {"n": 0}
     hooks = [
-        m.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1)) for _, m in points(model)
+        m.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+        for _, m in chains(model, ("attn_q", "attn_k", "attn_v", "attn_probs"))
     ]
     return calls, hooks
 
@@ -32,9 +33,9 @@ def test_timm_explicit_attention_matches(arch):
         names = explicit_attention_(loaded.model)
         calls, hooks = _count_point_calls(loaded.model)
         out = loaded.model(x)
-    n_attn = sum(isinstance(m, AttentionMatmuls) for m in loaded.model.modules())
+    n_attn = sum(isinstance(m, AttentionAdapter) for m in loaded.model.modules())
     assert names and n_attn == len(names)
-    assert calls["n"] == 4 * n_attn  # q, k, probs and v points all ran
+    assert calls["n"] == 4 * n_attn  # the q, k, probs and v slots all ran
     torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
     state_names = set(loaded.model.state_dict())
     assert any(n.endswith("attn.qkv.weight") for n in state_names)  # parameter names unchanged

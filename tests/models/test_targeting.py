@@ -6,8 +6,9 @@ import pytest
 from torch import nn
 
 from edgecompress.errors import UserError
-from edgecompress.models.points import QuantPoint
-from edgecompress.models.targeting import replace_module, select_modules, structure_of
+from edgecompress.models.slots import SlotLinear
+from edgecompress.models.targeting import select_modules
+from edgecompress.structure import replace_module, structure_of
 
 
 def _net():
@@ -30,12 +31,16 @@ def test_bad_regex_is_a_user_error():
         select_modules(_net(), ["re:("])
 
 
-def test_replace_module_records_the_swap():
+def test_replace_module_records_the_swap_by_import_path():
     m = _net()
-    replace_module(m, "1", QuantPoint("linear_in"))
-    assert isinstance(m[1], QuantPoint)
+    replace_module(m, "0", SlotLinear.adopt(m[0]))
+    assert isinstance(m[0], SlotLinear)
     assert structure_of(m)["ops"] == [
-        {"op": "swap", "name": "1", "cls": "QuantPoint", "config": {"role": "linear_in"}}
-    ]
+        {
+            "op": "swap", "name": "0", "cls": "edgecompress.models.slots.SlotLinear", "version": 1,
+            "config": {"in_features": 4, "out_features": 8, "bias": True}, "module": "edgecompress.structure",
+        }
+    ]  # fmt: skip
+    assert [n for n, _ in select_modules(m, ["Linear"])] == ["0", "2.0", "3"]  # still a Linear
     with pytest.raises(TypeError, match="not a registered swap class"):
-        replace_module(m, "0", nn.Linear(4, 8))
+        replace_module(m, "3", nn.Linear(8, 2))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from edgecompress.models.targeting import SWAPS
 from edgecompress.quantize.log import fake_quant_adalog, fake_quant_logsqrt2
 from edgecompress.quantize.log_modules import AdaLogQuantizer, LogQuantizer, TanQuantizer
 from edgecompress.quantize.tan import fake_quant_tanq
+from edgecompress.structure import SWAPS, class_path
 
 
 def _x() -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_swap_round_trip_and_state():
         TanQuantizer(5, "attn_probs").set_params(torch.tensor(1.0), 0.97),
     ]
     for m in mods:
-        cls = SWAPS[type(m).__name__]
+        cls = SWAPS[class_path(type(m))]
         back = cls.from_swap(None, m.swap_config())
         back.load_state_dict(m.state_dict())
         assert torch.equal(back(x), m(x))

@@ -1,4 +1,4 @@
-"""Uniform quantizer math (oracle: hand-computed codes, exact) and QuantLinear (oracle: float Linear)."""
+"""Uniform quantizer math (oracle: hand-computed codes, exact) and SlotLinear (oracle: float Linear)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgecompress.quantize.modules import QuantLinear, UniformQuantizer, deployed_size_bytes
+from edgecompress.models.slots import SlotLinear
+from edgecompress.quantize.modules import UniformQuantizer, deployed_size_bytes
 from edgecompress.quantize.uniform import (
     dequantize_uniform,
     fake_quant_uniform,
@@ -66,14 +67,14 @@ def test_mse_search_never_worse_than_minmax():
     assert e1 <= e0 and e1 < 0.5 * e0
 
 
-def test_quant_linear_equals_float_linear_with_dequantized_weight():
+def test_slot_linear_equals_float_linear_with_dequantized_weight():
     torch.manual_seed(2)
     lin = nn.Linear(59, 23)
-    q = QuantLinear.from_linear(lin)
+    q = SlotLinear.adopt(lin)
     x = torch.randn(7, 59)
-    torch.testing.assert_close(q(x), lin(x))  # points are identity until swapped
+    assert torch.equal(q(x), lin(x)) and isinstance(q, nn.Linear)  # empty chains are the identity
     wq = UniformQuantizer(8, granularity="channel").set_params(*weight_params(lin.weight.detach(), 8))
-    q.w_quant = wq
+    q.weight_chain.append(wq)
     ref = F.linear(x, wq(lin.weight.detach()), lin.bias)
     torch.testing.assert_close(q(x), ref, atol=1e-6, rtol=1e-6)
     assert q.deployed_bytes() == 59 * 23 + 23 * 4 * 2 + 23 * 4

@@ -16,12 +16,14 @@ import torch
 
 from edgecompress.calib import make_context
 from edgecompress.errors import UserError
-from edgecompress.models.loading import load_model
-from edgecompress.pipeline import restore, run, save
+from edgecompress.models.graph import AttnUnit, LinearUnit, discover_units
+from edgecompress.models.loading import load_model, restore
+from edgecompress.pipeline import run
 from edgecompress.quantize.log_modules import AdaLogQuantizer, LogQuantizer, TanQuantizer
 from edgecompress.quantize.modules import UniformQuantizer
 from edgecompress.quantize.vit_ptq import AdaLogPTQ, DopQViTPTQ, RepQViTPTQ
-from edgecompress.quantize.vit_ptq_model import AttnUnit, LinearUnit, discover_units, fold_verified_
+from edgecompress.quantize.vit_ptq.fold import fold_verified_
+from edgecompress.structure import save
 from tests.conftest import tiny_timm
 
 
@@ -67,7 +69,7 @@ def test_timm_pass_floor_and_restore(arch, p, floor, tmp_path):
     ref, out, again, model, records = _compress(tiny_timm(arch), _images(), p, tmp_path)
     assert _sqnr(ref, out) >= floor, _sqnr(ref, out)
     assert torch.equal(out, again)  # restore() rebuilds quantizers, folds and shift exactly
-    probs = [m for n, m in model.named_modules() if n.endswith("probs_point")]
+    probs = [m for n, m in model.named_modules() if n.endswith("ec_attn.probs.0")]
     want = {"adalog": AdaLogQuantizer, "logsqrt2": LogQuantizer, "tanq": TanQuantizer}[p.softmax_quantizer]
     assert probs and all(isinstance(m, want) for m in probs)
     rows = records[0]["layers"]
@@ -81,21 +83,21 @@ def test_post_gelu_and_reparam_placement():
         tiny_timm("deit_tiny_patch16_224"), _images(), AdaLogPTQ(w_bits=4, a_bits=4)
     )
     for b in range(2):
-        fc2 = model.get_submodule(f"blocks.{b}.mlp.fc2.in_quant")
+        fc2 = model.get_submodule(f"blocks.{b}.mlp.fc2.input_chain.0")
         assert isinstance(fc2, AdaLogQuantizer) and fc2.shift > 0.169 and fc2.fold_shift
         for lin, norm in (("attn.qkv", "norm1"), ("mlp.fc1", "norm2")):
-            q = model.get_submodule(f"blocks.{b}.{lin}.in_quant")
+            q = model.get_submodule(f"blocks.{b}.{lin}.input_chain.0")
             assert isinstance(q, UniformQuantizer) and q.stats["reparam"]["norm"] == f"blocks.{b}.{norm}"
 
 
 def test_ablation_fields_switch_quantizers():
     p = AdaLogPTQ(w_bits=4, a_bits=4, softmax_quantizer="uniform", post_gelu="uniform", reparam="none")
     _, _, _, model, _ = _compress(tiny_timm("deit_tiny_patch16_224"), _images(1), p)
-    assert isinstance(model.get_submodule("blocks.0.attn.matmuls.probs_point"), UniformQuantizer)
-    fc2 = model.get_submodule("blocks.0.mlp.fc2.in_quant")
+    assert isinstance(model.get_submodule("blocks.0.attn.ec_attn.probs.0"), UniformQuantizer)
+    fc2 = model.get_submodule("blocks.0.mlp.fc2.input_chain.0")
     assert (
         isinstance(fc2, UniformQuantizer)
-        and "reparam" not in model.get_submodule("blocks.0.attn.qkv.in_quant").stats
+        and "reparam" not in model.get_submodule("blocks.0.attn.qkv.input_chain.0").stats
     )
 
 
@@ -124,15 +126,15 @@ def test_calib_samples_limits_the_data():
 def test_discover_units_timm():
     loaded = tiny_timm("deit_tiny_patch16_224")
     from edgecompress.models.attention import explicit_attention_
-    from edgecompress.quantize.ptq import quantize_linears_
+    from edgecompress.models.slots import slot_linears
 
     explicit_attention_(loaded.model)
-    names = quantize_linears_(loaded.model, ("Linear",), ())
-    units = discover_units(loaded.model, names, torch.randn(2, 3, 32, 32))
+    names, _ = slot_linears(loaded.model, ("Linear",), ())
+    units = discover_units(loaded.model, names, torch.randn(2, 3, 32, 32), loaded.call)
     kinds = [(type(u).__name__, u.names if isinstance(u, LinearUnit) else u.name) for u in units[:5]]
     assert kinds == [
         ("LinearUnit", ("blocks.0.attn.qkv",)),
-        ("AttnUnit", "blocks.0.attn.matmuls"),
+        ("AttnUnit", "blocks.0.attn.ec_attn"),
         ("LinearUnit", ("blocks.0.attn.proj",)),
         ("LinearUnit", ("blocks.0.mlp.fc1",)),
         ("LinearUnit", ("blocks.0.mlp.fc2",)),
@@ -158,7 +160,7 @@ def test_hf_bert_post_ln_is_not_folded(tiny_bert_dir, tmp_path):
     assert _sqnr(ref, out) >= 47.4, _sqnr(ref, out)
     assert torch.equal(out, again)
     att = "encoder.layer.0.attention.self"
-    qs = [model.get_submodule(f"{att}.{n}.in_quant") for n in ("query", "key", "value")]
+    qs = [model.get_submodule(f"{att}.{n}.input_chain.0") for n in ("query", "key", "value")]
     assert all(torch.equal(q.scale, qs[0].scale) for q in qs)
     folds = [r["reparam"] for r in records[0]["layers"] if "reparam" in r]
     assert folds and all(isinstance(f, str) and f.startswith("skipped") for f in folds)
@@ -191,7 +193,9 @@ def test_fold_verified_refuses_and_restores(tiny_bert_dir):
     with torch.no_grad():
         ref = loaded.call(loaded.model, {k: v[:2] for k, v in batch.items()})
     s = torch.rand(ln.weight.numel()) + 0.5
-    assert fold_verified_(loaded.model, unit, s, torch.zeros_like(s), "mean", 4, batch, ref) is None
+    assert (
+        fold_verified_(loaded.model, unit, s, torch.zeros_like(s), "mean", 4, batch, ref, loaded.call) is None
+    )
     after = loaded.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgecompress.quantize import vit_ptq_attn as va
-from edgecompress.quantize import vit_ptq_objectives as vo
 from edgecompress.quantize.log import (
     dequantize_adalog,
     dequantize_log2,
@@ -22,7 +20,9 @@ from edgecompress.quantize.log import (
 from edgecompress.quantize.reparam import GELU_SHIFT
 from edgecompress.quantize.tan import dequantize_tanq, quantize_tanq
 from edgecompress.quantize.uniform import dequantize_uniform, quantize_uniform
-from edgecompress.quantize.vit_ptq_fastq import fq_adalog, fq_log, fq_tanq, fq_uniform
+from edgecompress.quantize.vit_ptq import attn as va
+from edgecompress.quantize.vit_ptq import objectives as vo
+from edgecompress.quantize.vit_ptq.fastq import fq_adalog, fq_log, fq_tanq, fq_uniform
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -268,7 +268,7 @@ def _padded_call(lengths, n_max, pad_value, seed=12):
 def test_attention_groups_drop_padding():
     """Oracle: two captures that differ only in the values of padded slots (0 vs 1e3) must give
     identical groups, shaped by the real lengths; the searches on them are then identical too."""
-    from edgecompress.quantize.vit_ptq_model import Captured
+    from edgecompress.calib import Captured
 
     names = ["q", "k", "v", "a"]
     caps = []
@@ -288,7 +288,7 @@ def test_attention_groups_drop_padding():
 
 def test_attention_groups_without_a_usable_mask_keep_every_token():
     # oracle: the call's own tensors — an extended [b, 1, 1, N] mask or none leaves them whole
-    from edgecompress.quantize.vit_ptq_model import Captured
+    from edgecompress.calib import Captured
 
     ts, mask = _padded_call([2, 4], 4, 0.5)
     for m in (None, mask[:, None, None, :]):

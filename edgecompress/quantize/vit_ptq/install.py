@@ -1,4 +1,4 @@
-"""Swap the searched quantizers into the model (every swap through ``replace_module``, so
+"""Put the searched quantizers into the model's slots (every one through ``add_to_chain``, so
 ``restore()`` rebuilds them) and fold AdaLog's post-GELU shift into the Linear's bias."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgecompress.models.targeting import replace_module
+from edgecompress.models.slots import add_to_chain
 from edgecompress.quantize.log_modules import AdaLogQuantizer, LogQuantizer, TanQuantizer
 from edgecompress.quantize.modules import UniformQuantizer, sqnr_db
 from edgecompress.quantize.reparam import fold_shift_into_bias_
-from edgecompress.quantize.vit_ptq_attn import MatmulParams
-from edgecompress.quantize.vit_ptq_objectives import LinearParams
+from edgecompress.quantize.vit_ptq.attn import MatmulParams
+from edgecompress.quantize.vit_ptq.objectives import LinearParams
 
 
 def _uniform(
@@ -31,10 +31,10 @@ def install_linear(
         lin = model.get_submodule(name)
         rows = slice(start, start + lin.out_features)
         start += lin.out_features
-        w = lin.weight.detach()
+        w = lin.effective_weight()  # after any earlier mask
         wq = _uniform(w_bits, "channel", "weight", p.w_scale[rows], p.w_zp[rows], (-1, 1))
         wq.stats = {"sqnr_db": round(sqnr_db(w, wq(w)), 2)}
-        replace_module(model, f"{name}.w_quant", wq)
+        add_to_chain(model, f"{name}.weight_chain", wq)
         if "q" in p.act:
             aq = AdaLogQuantizer(a_bits, "linear_in", shift=p.act["shift"], fold_shift=lin.bias is not None)
             aq.set_params(p.act["scale"], p.act["q"])
@@ -43,7 +43,7 @@ def install_linear(
         else:
             aq = _uniform(a_bits, "tensor", "linear_in", p.act["scale"], p.act["zero_point"], ())
         aq.stats = dict(info)
-        replace_module(model, f"{name}.in_quant", aq)
+        add_to_chain(model, f"{name}.input_chain", aq)
 
 
 def _probs_quantizer(kind: str, bits: int, params: dict) -> nn.Module:
@@ -59,21 +59,21 @@ def _probs_quantizer(kind: str, bits: int, params: dict) -> nn.Module:
 def install_attention(
     model: nn.Module, name: str, qk: MatmulParams, av: MatmulParams, kind: str, bits: int
 ) -> None:
-    """Per-head uniform Q, K, V and the softmax quantizer of one AttentionMatmuls."""
+    """Per-head uniform Q, K, V and the softmax quantizer of one AttentionAdapter."""
     head = (1, -1, 1, 1)
     qk_db = round(10 * float(torch.log10(torch.tensor(qk.ref_power / max(qk.mse, 1e-30)))), 2)
     av_db = round(10 * float(torch.log10(torch.tensor(av.ref_power / max(av.mse, 1e-30)))), 2)
     mods = {
-        "q_point": (_uniform(bits, "head", "attn_q", qk.left["scale"], qk.left["zero_point"], head), qk_db),
-        "k_point": (_uniform(bits, "head", "attn_k", qk.right["scale"], qk.right["zero_point"], head), qk_db),
-        "v_point": (_uniform(bits, "head", "attn_v", av.right["scale"], av.right["zero_point"], head), av_db),
-        "probs_point": (_probs_quantizer(kind, bits, av.left), av_db),
+        "q": (_uniform(bits, "head", "attn_q", qk.left["scale"], qk.left["zero_point"], head), qk_db),
+        "k": (_uniform(bits, "head", "attn_k", qk.right["scale"], qk.right["zero_point"], head), qk_db),
+        "v": (_uniform(bits, "head", "attn_v", av.right["scale"], av.right["zero_point"], head), av_db),
+        "probs": (_probs_quantizer(kind, bits, av.left), av_db),
     }
     for point, (mod, db) in mods.items():
-        pair = qk if point in ("q_point", "k_point") else av
+        pair = qk if point in ("q", "k") else av
         mod.stats = {
             "layer_sqnr_db": db,
             "matmul": "q@k^T" if pair is qk else "A@V",
             "search_rounds": pair.rounds,
         }
-        replace_module(model, f"{name}.{point}", mod)
+        add_to_chain(model, f"{name}.{point}", mod)

@@ -7,7 +7,7 @@ precision on full-precision inputs; per Linear an activation pre-search (input M
 ``rounds`` (3) rounds of (weight FPCS, activation search) scored by output MSE. (The official code
 also runs a weight-only pre-search; its result is overwritten by the first round's weight search
 before anything uses it, so it is not run here.) The attention matmuls are searched in
-:mod:`~edgecompress.quantize.vit_ptq_attn`.
+:mod:`~edgecompress.quantize.vit_ptq.attn`.
 
 Fixed-point stop (exact): a round maps the input quantizer to (weights', input'), and the weight
 search does not depend on the previous weights, so a round that returns the input quantizer it
@@ -25,7 +25,7 @@ not the value, up to float rounding; tests compare them with the direct products
   reduced dimension is the smaller one.
 
 Candidates are evaluated in chunks bounded by ``CHUNK_ELEMENTS`` floats per intermediate, with
-the allocation-light quantizers of :mod:`~edgecompress.quantize.vit_ptq_fastq`.
+the allocation-light quantizers of :mod:`~edgecompress.quantize.vit_ptq.fastq`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 
 from edgecompress.quantize.log import fake_quant_adalog
 from edgecompress.quantize.search import adalog_joint_search, chunked, fpcs, percentile_ranges
-from edgecompress.quantize.vit_ptq_fastq import fq_adalog, fq_uniform
+from edgecompress.quantize.vit_ptq.fastq import fq_adalog, fq_uniform
 
 CHUNK_ELEMENTS = 2**20  # floats per candidate-batch intermediate: about the L2 cache; measured fastest
 Quant = Callable[..., torch.Tensor]

@@ -7,8 +7,9 @@ dequantization subgraph: compute the integer code with the quantizer's own pure 
 scale. That is exactly ``scale * table[code]``, which the quantizer modules document to equal
 their fake-quant output (without the straight-through ``x + (x̂ − x)`` rounding noise).
 
-The forms register by class name with :func:`edgecompress.export.forms.register_export_form`,
-so a quantizer module needs nothing export-specific besides ``code_table()``.
+The forms register by class with :func:`edgecompress.export.forms.registry.register_form`
+(category ``"quantized"``), so a quantizer module needs nothing export-specific besides
+``code_table()``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from edgecompress.export.forms import register_export_form
+from edgecompress.export.forms.registry import ExportOptions, register_form
+from edgecompress.quantize.log import ADALOG_R, quantize_adalog, quantize_log2, quantize_logsqrt2
+from edgecompress.quantize.log_modules import AdaLogQuantizer, LogQuantizer, TanQuantizer
+from edgecompress.quantize.tan import quantize_tanq
 
 
 class LUTQuantizer(nn.Module):
@@ -43,10 +47,8 @@ class LUTQuantizer(nn.Module):
         return f"kind={self.kind!r}, codes={self.table.numel()}"
 
 
-@register_export_form("LogQuantizer")
-def _log(mod: nn.Module, target: str) -> nn.Module:
-    from edgecompress.quantize.log import quantize_log2, quantize_logsqrt2
-
+@register_form(LogQuantizer, "quantized")
+def _log(mod: LogQuantizer, opts: ExportOptions) -> nn.Module:
     fn = quantize_log2 if mod.kind == "log2" else quantize_logsqrt2
     scale = mod.scale.float()
     return LUTQuantizer(
@@ -54,10 +56,8 @@ def _log(mod: nn.Module, target: str) -> nn.Module:
     )
 
 
-@register_export_form("AdaLogQuantizer")
-def _adalog(mod: nn.Module, target: str) -> nn.Module:
-    from edgecompress.quantize.log import ADALOG_R, quantize_adalog
-
+@register_form(AdaLogQuantizer, "quantized")
+def _adalog(mod: AdaLogQuantizer, opts: ExportOptions) -> nn.Module:
     scale, q = mod.scale.float(), int(mod.q)
     unshift = 0.0 if mod.fold_shift else mod.shift
     return LUTQuantizer(
@@ -66,10 +66,8 @@ def _adalog(mod: nn.Module, target: str) -> nn.Module:
     )  # fmt: skip
 
 
-@register_export_form("TanQuantizer")
-def _tanq(mod: nn.Module, target: str) -> nn.Module:
-    from edgecompress.quantize.tan import quantize_tanq
-
+@register_form(TanQuantizer, "quantized")
+def _tanq(mod: TanQuantizer, opts: ExportOptions) -> nn.Module:
     scale, alpha = mod.scale.float(), float(mod.alpha)
     return LUTQuantizer(
         lambda x: quantize_tanq(x, scale.to(x.dtype), alpha, mod.bits), mod.code_table(), scale, kind="tanq"

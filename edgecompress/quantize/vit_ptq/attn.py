@@ -6,7 +6,7 @@ K, V; one softmax quantizer per tensor; each operand's parameters scored by the 
 ``rounds`` (3) rounds.
 
 Operands come as *groups*: a list of tensors ``[B_g, H, N_g, ·]``, one per distinct sequence length
-(:meth:`~edgecompress.quantize.vit_ptq_model.Captured.attention_groups` drops padding tokens and
+(:meth:`~edgecompress.calib.Captured.attention_groups` drops padding tokens and
 groups samples of equal length); a single tensor is one group. Every error is summed over all
 groups and divided by the number of real output entries, so padded positions of text batches
 neither count nor cost
@@ -36,8 +36,8 @@ from edgecompress.quantize.search import (
     percentile_ranges,
 )
 from edgecompress.quantize.tan import tanq_alpha_candidates
-from edgecompress.quantize.vit_ptq_fastq import fq_adalog, fq_log, fq_tanq, fq_uniform
-from edgecompress.quantize.vit_ptq_objectives import Quant, chunk_size, same_params, self_fpcs
+from edgecompress.quantize.vit_ptq.fastq import fq_adalog, fq_log, fq_tanq, fq_uniform
+from edgecompress.quantize.vit_ptq.objectives import Quant, chunk_size, same_params, self_fpcs
 
 Groups = list[torch.Tensor]
 

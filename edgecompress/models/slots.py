@@ -1,0 +1,195 @@
+"""Slots: the places in a model where a pass may insert a quantizer, a mask or a gate.
+
+A slot is a :class:`Chain`: modules applied in order to one tensor (empty = identity). A pass
+adds to a chain (:func:`add_to_chain`, recorded as an ``append`` op); a later pass adds after it,
+so passes compose instead of overwriting each other. Chain elements declare what they are with a
+class attribute ``SLOT_KIND`` (``"quantizer"``, ``"mask"``, ...); a chain holds at most one
+quantizer and a mask must come before it.
+
+A compressed Linear is still an ``nn.Linear`` (optimum-quanto's habit): :class:`SlotLinear` adds
+a weight chain (mask, quantizer, ...) and an input chain (quantizer, ...) and computes
+``F.linear(input_chain(x), weight_chain(W), b)``, so ``targets: [Linear]`` keeps matching after
+any number of passes, and export folds the whole chain.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgecompress.errors import UserError
+from edgecompress.models.targeting import select_modules
+from edgecompress.quantize.uniform import sqnr_db
+from edgecompress.structure import append_module, register_swap, replace_module
+
+QUANTIZER, MASK = "quantizer", "mask"
+
+
+class Chain(nn.ModuleList):
+    """Modules applied in order to one tensor; ``role`` says what flows through it (``"linear_in"``,
+    ``"linear_weight"``, ``"attn_q"``, ``"attn_k"``, ``"attn_v"``, ``"attn_probs"``)."""
+
+    def __init__(self, role: str, modules=None):
+        super().__init__(modules)
+        self.role = role
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self:
+            x = m(x)
+        return x
+
+    def find(self, kind: str) -> nn.Module | None:
+        """The first element whose ``SLOT_KIND`` is ``kind``."""
+        return next((m for m in self if getattr(m, "SLOT_KIND", None) == kind), None)
+
+    def extra_repr(self) -> str:
+        return f"role={self.role!r}"
+
+
+# Linear subclasses whose forward is exactly F.linear(x, weight, bias): safe to swap. Others (LoRA
+# wrappers, nn.MultiheadAttention's out_proj, which its parent never calls) are left alone.
+_PLAIN_LINEAR_NAMES = {"torch.nn.modules.linear.Linear", "timm.layers.linear.Linear"}
+
+
+def swappable(mod: nn.Module) -> bool:
+    cls = type(mod)
+    return isinstance(mod, SlotLinear) or f"{cls.__module__}.{cls.__qualname__}" in _PLAIN_LINEAR_NAMES
+
+
+@register_swap
+class SlotLinear(nn.Linear):
+    """``F.linear(input_chain(x), weight_chain(W), b)``: an ``nn.Linear`` with two slots."""
+
+    VERSION: ClassVar[int] = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        nn.Module.__init__(self)  # no nn.Linear init: parameters are adopted or loaded, never drawn
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.weight_chain = Chain("linear_weight")
+        self.input_chain = Chain("linear_in")
+
+    @classmethod
+    def adopt(cls, linear: nn.Linear) -> SlotLinear:
+        """A SlotLinear sharing ``linear``'s parameter objects (empty chains)."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_chain(x), self.weight_chain(self.weight), self.bias)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with (after its whole weight chain), without gradients."""
+        with torch.no_grad():
+            return self.weight_chain(self.weight).detach()
+
+    def swap_config(self) -> dict:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_swap(cls, original, config: dict) -> SlotLinear:
+        if isinstance(original, nn.Linear) and not isinstance(original, SlotLinear):
+            return cls.adopt(original)
+        return cls(**config)
+
+    def _packer(self) -> nn.Module | None:
+        """The weight-chain element that stores the weight in a packed form (an N:M mask), if any."""
+        return next((m for m in self.weight_chain if callable(getattr(m, "pack_weight", None))), None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        packer = self._packer()
+        if packer is not None:  # e.g. 2:4: kept values + 2-bit positions instead of the dense weight
+            w = destination.pop(prefix + "weight")
+            for key, value in packer.pack_weight(w.detach()).items():
+                destination[f"{prefix}weight_{key}"] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        packer = self._packer()
+        keys = [f"{prefix}weight_{k}" for k in getattr(packer, "PACKED_KEYS", ())]
+        if packer is not None and all(k in state_dict for k in keys):
+            parts = {k[len(prefix) + len("weight_") :]: state_dict.pop(k) for k in keys}
+            state_dict[prefix + "weight"] = packer.unpack_weight(parts).to(self.weight.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def weight_quantizer(self) -> nn.Module | None:
+        return self.weight_chain.find(QUANTIZER)
+
+    def input_quantizer(self) -> nn.Module | None:
+        return self.input_chain.find(QUANTIZER)
+
+    def deployed_bytes(self) -> int:
+        """Weight bytes at the weight quantizer's bit width plus the chains' parameters, bias as stored."""
+        wq, packer = self.weight_quantizer(), self._packer()
+        bits = getattr(wq, "bits", self.weight.element_size() * 8)
+        numel = self.weight.numel()
+        n = packer.weight_bytes(numel, bits) if packer is not None else numel * bits // 8
+        n += sum(b.numel() * b.element_size() for b in self.weight_chain.buffers())
+        n += sum(b.numel() * b.element_size() for b in self.input_chain.buffers())
+        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+    def describe(self) -> dict:
+        row = {
+            "layer": "SlotLinear",
+            "shape": [self.out_features, self.in_features],
+            "w_bits": getattr(self.weight_quantizer(), "bits", None),
+            "a_bits": getattr(self.input_quantizer(), "bits", None),
+        }
+        if len(self.weight_chain):
+            row["weight_sqnr_db"] = round(sqnr_db(self.weight.detach(), self.effective_weight()), 2)
+        return row
+
+
+def as_slot_linear(model: nn.Module, name: str) -> SlotLinear | None:
+    """The SlotLinear at ``name``, swapping a plain ``nn.Linear`` in (recorded); None if not swappable."""
+    mod = model.get_submodule(name)
+    if isinstance(mod, SlotLinear):
+        return mod
+    if not swappable(mod):
+        return None
+    return replace_module(model, name, SlotLinear.adopt(mod))
+
+
+def slot_linears(model: nn.Module, targets, ignore) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every targeted Linear as a SlotLinear: (names, [(name, why skipped)])."""
+    names, skipped = [], []
+    for name, mod in select_modules(model, targets, ignore):
+        if not isinstance(mod, nn.Linear):
+            continue
+        if as_slot_linear(model, name) is None:
+            skipped.append((name, f"{type(mod).__name__} is not a plain Linear (custom forward)"))
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def chains(model: nn.Module, roles: tuple[str, ...] | None = None) -> list[tuple[str, Chain]]:
+    """Every chain whose role is in ``roles`` (all if None), in module order."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, Chain) and (roles is None or m.role in roles)
+    ]
+
+
+def add_to_chain(model: nn.Module, chain: str, module: nn.Module) -> nn.Module:
+    """Append ``module`` to the chain at ``chain`` (recorded), keeping one quantizer per chain, last."""
+    target = model.get_submodule(chain)
+    kind = getattr(module, "SLOT_KIND", None)
+    if target.find(QUANTIZER) is not None:
+        what = "quantized" if kind == QUANTIZER else f"quantized, so a {kind} cannot follow"
+        raise UserError(
+            f"{chain} is already {what} (an earlier pass put a quantizer there; exclude it with ignore)"
+        )
+    return append_module(model, chain, module)

@@ -1,0 +1,81 @@
+"""Report columns in one place: the console table and report.md of ``compress``, and ``inspect``."""
+
+from __future__ import annotations
+
+LAYER_COLUMNS = ("module", "what", "bits", "sparsity", "shape", "size", "SQNR dB")
+
+
+def layer_row(r: dict) -> tuple:
+    """One per-layer row (:data:`LAYER_COLUMNS`) from a pass record's ``layers`` entry."""
+    shape = r.get("shape", "")
+    size = "" if not shape else f"{shape[0] * shape[1] * (r.get('w_bits') or 32) / 8 / 1024:.1f} KiB"
+    what = f"{r.get('quantizer', r.get('layer', ''))} {r.get('role', '')}".strip()
+    bits = r.get("bits", r.get("w_bits", ""))
+    sqnr = r.get("sqnr_db", r.get("weight_sqnr_db", ""))
+    return (r["name"], what, "" if bits is None else bits, r.get("sparsity", ""), shape, size, sqnr)
+
+
+def layer_rows(report: dict) -> list[tuple]:
+    """Every pass's per-layer rows, in pass order (each module once: the pass that changed it)."""
+    return [layer_row(r) for rec in report["passes"] for r in rec["layers"]]
+
+
+def summary_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(what, baseline, compressed) rows for the console table and report.md."""
+    b, c = report["metrics"]["baseline"], report["metrics"]["compressed"]
+    rows = []
+    for key in ("top1", "top1_agreement", "cosine_mean", "nn_agreement", "perplexity"):
+        if key in b or key in c:
+            rows.append((key, str(b.get(key, "—")), str(c.get(key, "—"))))
+    sb, sc = report["size_bytes"]["baseline"], report["size_bytes"]["compressed"]
+    rows.append(("size (MB)", f"{sb / 1e6:.3f}", f"{sc / 1e6:.3f} ({sb / max(sc, 1):.2f}x smaller)"))
+    lat = report["latency_ms"]
+    rows.append(
+        (
+            f"latency CPU b{lat['batch']} (ms, median)",
+            str(lat["baseline"]["median_ms"]),
+            str(lat["compressed"]["median_ms"]),
+        )
+    )
+    return rows + _deploy_rows(report.get("deploy") or {})
+
+
+def _deploy_rows(deploy: dict) -> list[tuple[str, str, str]]:
+    """Rows for the ``export:`` / ``bench:`` recipe sections (absent when they did not run)."""
+    rows = []
+    if "bench" in deploy:
+        b = deploy["bench"]
+        med = {r["target"]: r["latency"]["median_ms"] for r in b["results"]}
+        what = f"latency {b['backend']} b{b['batch']} (ms, median)"
+        rows.append((what, str(med["baseline"]), f"{med['compressed']} ({b['speedup']:.2f}x faster)"))
+    if "export" in deploy:
+        v = deploy["export"]["verification"]
+        fid = (
+            f"top-1 agree {v['top1_agreement']}%"
+            if "top1_agreement" in v
+            else f"cosine min {v['cosine_min']}"
+        )
+        rows.append(("ONNX export (verified vs PyTorch)", "—", f"{deploy['export']['file']}: {fid}"))
+    return rows
+
+
+def report_markdown(report: dict) -> str:
+    lines = [
+        f"# edgecompress report: {report['model']}",
+        "",
+        "| metric | baseline | compressed |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
+    lines += ["", f"Latency: {report['latency_ms']['note']}.", ""]
+    for rec in report["passes"]:
+        lines += [f"## pass `{rec['pass']}` ({rec['seconds']} s)", ""]
+        lines += [f"- {note}" for note in rec.get("notes", [])]
+        lines += ["", "| " + " | ".join(LAYER_COLUMNS) + " |", "|" + "---|" * len(LAYER_COLUMNS)]
+        lines += ["| " + " | ".join(map(str, layer_row(r))) + " |" for r in rec["layers"]]
+        lines.append("")
+    env = report["environment"]
+    lines.append(
+        f"Environment: torch {env['torch']}, {env['cpu']}, {env['threads']} threads, CUDA: {env['cuda']}."
+    )
+    return "\n".join(lines) + "\n"
