@@ -49,6 +49,20 @@ def check_finite(batches: Sequence, what: str) -> None:
                 raise UserError(f"{what} data contains NaN or infinite values")
 
 
+def head(inputs, n: int | None):
+    """The first ``n`` samples of a model input (a tensor or a dict of tensors); all if ``n`` is None."""
+    if n is None:
+        return inputs
+    if isinstance(inputs, dict):
+        return {k: (v[:n] if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    return inputs[:n]
+
+
+def example_run(ctx: Context) -> Callable[[nn.Module], object]:
+    """One forward of a model on (the first two samples of) the context's example batch."""
+    return lambda model: ctx.call(model, head(ctx.example_inputs[0], 2))
+
+
 def make_forward_loop(batches: Sequence, call: Callable) -> Callable[[nn.Module], None]:
     """A loop running ``call(model, batch)`` on every batch in eval mode without gradients."""
 

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="edgecompress", description="Compress trained transformers with one YAML recipe."
     )
+    from edgecompress import __version__
+
+    ap.add_argument("--version", action="version", version=f"edgecompress {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("compress", help="run a recipe on a model and write an output folder")
     _model_args(c, None)
@@ -80,7 +83,10 @@ def _export_parser(sub) -> None:
         "model", metavar="SPEC_OR_DIR", help="timm:<arch>, hf:<dir>, demo:<name> or a compressed folder"
     )
     x.add_argument("--format", default="onnx", help="onnx (default) or tensorrt")
-    x.add_argument("--out", help="ONNX file (default: DIR/model.onnx for a folder, else runs/<model>.onnx)")
+    x.add_argument(
+        "--out",
+        help="ONNX file (default: DIR/model.onnx for a folder, else runs/<model>.onnx; options other than the defaults name it, e.g. model-tensorrt-b8.onnx)",
+    )
     x.add_argument(
         "--opset", type=int, default=20, help="ONNX opset (default %(default)s; 17 for TensorRT 8.6)"
     )
@@ -158,8 +164,13 @@ def cmd_compress(args) -> int:
         raise UserError(f"output folder {out} already exists (choose another --out)")
     loaded = _load(args)
     result = compress(loaded, recipe, out)
-    _print_table(summary_rows(result.report), ("", "baseline", "compressed"))
-    print(f"compress time: {result.report['compress_seconds']} s; output: {result.out}")
+    from edgecompress.train import process_rank
+
+    if process_rank() == 0:  # under torchrun, rank 0 speaks for all
+        _print_table(summary_rows(result.report), ("", "baseline", "compressed"))
+        for w in result.report.get("warnings", []):
+            print(f"warning: {w}")
+        print(f"compress time: {result.report['compress_seconds']} s; output: {result.out}")
     return 0
 
 
@@ -233,6 +244,8 @@ def cmd_passes(args) -> int:
         print(f"{name} ({cls.family}, version {cls.VERSION}): {(cls.__doc__ or '').strip().splitlines()[0]}")
         for what, why in cls.cannot_follow.items():
             print(f"    cannot follow {what}: {why}")
+        if getattr(cls, "EXAMPLE", None):
+            print(f"    example: {cls.EXAMPLE}")
         for f in dataclasses.fields(cls):
             if f.init:
                 print(f"    {f.name}: {_type_name(hints[f.name])} = {f.default!r}")
@@ -247,13 +260,22 @@ def cmd_train_demo(args) -> int:
     return 0
 
 
+def _default_export_path(args) -> Path:
+    """``DIR/model.onnx`` (``runs/<model>.onnx`` for a spec), named after the options that differ
+    from the defaults (``model-tensorrt-b8.onnx``), so each documented export has its own file."""
+    tags = [args.format] if args.format != "onnx" else []
+    tags += ["dynamic"] if args.dynamic_batch else ([f"b{args.batch}"] if args.batch != 1 else [])
+    folder = Path(args.model)
+    stem = "model" if folder.is_dir() else _slug(args.model)
+    name = "-".join([stem, *tags]) + ".onnx"
+    return folder / name if folder.is_dir() else Path("runs") / name
+
+
 def cmd_export(args) -> int:
     from edgecompress.export.deploy import export_verified, summary_line
     from edgecompress.models.loading import load_model
 
-    folder = Path(args.model)
-    default = folder / "model.onnx" if folder.is_dir() else Path(f"runs/{_slug(args.model)}.onnx")
-    out = Path(args.out) if args.out else default
+    out = Path(args.out) if args.out else _default_export_path(args)
     if out.exists():
         raise UserError(f"{out} already exists (choose another --out)")
     loaded = load_model(args.model, checkpoint=args.checkpoint)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from edgecompress.bench.timing import unstable
 from edgecompress.calib import make_context, to_device
 from edgecompress.data.metrics import evaluate
 from edgecompress.data.specs import load_data, load_samples
@@ -67,11 +68,17 @@ def _latency_batch(batch):
     return batch[:LATENCY_BATCH]
 
 
-def _latency(loaded: LoadedModel, model, batch) -> dict:
-    from edgecompress.bench.timing import time_callable
+LATENCY_TIMING = {"min_seconds": 3.0, "min_iters": 5, "warmup_s": 1.0, "max_seconds": 60.0}
 
+
+def _latencies(loaded: LoadedModel, models: list, batch) -> list[dict]:
+    """PyTorch latency of ``models`` on ``batch``, timed alternately (A, B, A, B, …) in one process
+    after a time-based warm-up, ≥ 3 s: the ``bench`` method (:mod:`edgecompress.bench.timing`)."""
+    from edgecompress.bench.timing import time_alternating
+
+    fns = [lambda m=m: loaded.call(m, batch) for m in models]
     with torch.no_grad():
-        return time_callable(lambda: loaded.call(model, batch), min_seconds=0.5, min_iters=5, warmup_s=0.2)
+        return time_alternating(fns, **LATENCY_TIMING)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -105,16 +112,58 @@ def _data_source(loaded: LoadedModel, recipe: Recipe):
 
 
 def _context(loaded: LoadedModel, recipe: Recipe, eval_data, dev: torch.device):
+    """The passes' context and what calibration really used (``report["calibration"]``)."""
     cal = recipe.calibration
     needs = any(p.needs_data for p in recipe.passes)
-    ctx_batches = (
-        load_data(cal["data"], loaded, "train", cal["samples"], cal["batch_size"]).batches
-        if needs
-        else [eval_data.batches[0]]
-    )
+    used = {"data": cal["data"], "samples_requested": cal["samples"], "samples_used": 0}
+    if needs:
+        calib = load_data(cal["data"], loaded, "train", cal["samples"], cal["batch_size"])
+        ctx_batches, used["samples_used"], used["data"] = calib.batches, calib.count, calib.spec
+    else:  # no pass reads calibration data: the first eval batch only traces the model
+        ctx_batches, used["data"] = [eval_data.batches[0]], None
     train = train_config(recipe.train or SECTION_DEFAULTS["train"])
     data = _data_source(loaded, recipe)
-    return make_context(ctx_batches, loaded.call, dev, cal["seed"], loaded.kind, data, train)
+    return make_context(ctx_batches, loaded.call, dev, cal["seed"], loaded.kind, data, train), used
+
+
+def coverage(model: torch.nn.Module) -> dict:
+    """How much of the model's weight (parameters of ≥ 2 dims) sits in layers a pass changed."""
+    total, done, left = 0, 0, {}
+    owned = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owned.setdefault(id(p), mod)
+    seen = set()
+    for p in model.parameters():
+        if p.dim() < 2 or id(p) in seen:
+            continue
+        seen.add(id(p))
+        mod = owned[id(p)]
+        total += p.numel()
+        if len(getattr(mod, "weight_chain", ())):
+            done += p.numel()
+        else:
+            left[type(mod).__name__] = left.get(type(mod).__name__, 0) + p.numel()
+    top = sorted(left, key=left.get, reverse=True)[:3]
+    return {
+        "weights": total,
+        "compressed": done,
+        "fraction": round(done / max(total, 1), 4),
+        "untouched": top,
+    }
+
+
+COVERAGE_WARN = 0.5
+
+
+def coverage_warning(cov: dict) -> str | None:
+    """A warning line when the passes changed less than half of the model's weights."""
+    if cov["fraction"] >= COVERAGE_WARN:
+        return None
+    return (
+        f"the passes changed only {cov['fraction'] * 100:.1f}% of the model's weights; the rest is in "
+        f"{', '.join(cov['untouched'])} layers, which they leave as they are"
+    )
 
 
 def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str | None = None) -> JobResult:
@@ -134,7 +183,7 @@ def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str | None 
     base_metrics, base_out = evaluate(loaded, model, eval_data)
     base_size = deployed_size_bytes(model)
     baseline_model = copy.deepcopy(model)  # timed after compression, back to back with the result
-    ctx = _context(loaded, recipe, eval_data, dev)
+    ctx, calib_used = _context(loaded, recipe, eval_data, dev)
     if any(p.needs_teacher for p in recipe.passes):
         ctx = replace(ctx, teacher=make_teacher(baseline_model))
     torch.manual_seed(recipe.calibration["seed"])
@@ -143,21 +192,31 @@ def compress(loaded: LoadedModel, recipe: Recipe, out: Path, device: str | None 
     seconds = time.perf_counter() - t0
     comp_metrics, _ = evaluate(loaded, model, eval_data, reference=base_out)
     batch0 = to_device(_latency_batch(eval_data.batches[0]), dev)
-    base_lat, comp_lat = _latency(loaded, baseline_model, batch0), _latency(loaded, model, batch0)
+    base_lat, comp_lat = _latencies(loaded, [baseline_model, model], batch0)
     baseline = replace(loaded, model=baseline_model) if recipe.bench is not None else None
     del baseline_model, ctx
+    cov = coverage(model)
+    warnings = [w for w in (coverage_warning(cov),) if w]
+    for name, lat in (("baseline", base_lat), ("compressed", comp_lat)):
+        if (w := unstable(lat)) is not None:
+            warnings.append(f"PyTorch latency of the {name} model: {w}")
     report = {
         "model": loaded.spec,
         "recipe": recipe_to_dict(recipe),
         "metrics": {"baseline": base_metrics, "compressed": comp_metrics},
         "size_bytes": {"baseline": base_size, "compressed": deployed_size_bytes(model)},
         "latency_ms": {
-            "note": f"PyTorch eager on {dev.type}; fake-quantized layers compute in float, so they are not faster here",
+            "note": f"PyTorch eager on {dev.type}, baseline and compressed alternated, ≥ 3 s; "
+            "fake-quantized layers compute in float, so they are not faster here",
+            "method": LATENCY_TIMING,
             "batch": _batch_size(batch0),
             "baseline": base_lat,
             "compressed": comp_lat,
         },
         "compress_seconds": round(seconds, 2),
+        "calibration": calib_used,
+        "coverage": cov,
+        "warnings": warnings,
         "passes": records,
         "environment": environment(),
     }
@@ -189,6 +248,8 @@ def _deploy_files(
         from edgecompress.export.deploy import deploy_stage
 
         report["deploy"] = deploy_stage(compressed, baseline, recipe.export, recipe.bench, tmp, out)
+        bench = report["deploy"].get("bench") or {}
+        report["warnings"] += [f"bench: {w}" for w in bench.get("warnings", [])]
         return {"report.json": report, "report.md": report_markdown(report)}
 
     return extra

@@ -42,6 +42,7 @@ EXCLUSIVE_FAMILIES = {
 BUILTIN_PASS_MODULES = (
     "edgecompress.quantize.ptq",
     "edgecompress.quantize.vit_ptq",
+    "edgecompress.sparsity.nm",
 )
 
 

@@ -8,7 +8,8 @@ LAYER_COLUMNS = ("module", "what", "bits", "sparsity", "shape", "size", "SQNR dB
 def layer_row(r: dict) -> tuple:
     """One per-layer row (:data:`LAYER_COLUMNS`) from a pass record's ``layers`` entry."""
     shape = r.get("shape", "")
-    size = "" if not shape else f"{shape[0] * shape[1] * (r.get('w_bits') or 32) / 8 / 1024:.1f} KiB"
+    nbytes = r.get("bytes", shape[0] * shape[1] * (r.get("w_bits") or 32) / 8 if shape else None)
+    size = "" if nbytes is None else f"{nbytes / 1024:.1f} KiB"
     what = f"{r.get('quantizer', r.get('layer', ''))} {r.get('role', '')}".strip()
     bits = r.get("bits", r.get("w_bits", ""))
     sqnr = r.get("sqnr_db", r.get("weight_sqnr_db", ""))
@@ -68,6 +69,13 @@ def report_markdown(report: dict) -> str:
     ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
     lines += ["", f"Latency: {report['latency_ms']['note']}.", ""]
+    lines += [f"**Warning:** {w}" for w in report.get("warnings", [])]
+    cal = report.get("calibration")
+    if cal and cal.get("data"):
+        lines += [
+            f"Calibration: {cal['samples_used']} samples of `{cal['data']}` (asked for {cal['samples_requested']})."
+        ]
+    lines.append("")
     for rec in report["passes"]:
         lines += [f"## pass `{rec['pass']}` ({rec['seconds']} s)", ""]
         lines += [f"- {note}" for note in rec.get("notes", [])]

@@ -250,12 +250,16 @@ def save(
     Everything is written to a temporary sibling folder that is renamed at the end, so an error
     never leaves a half-written output folder. ``extra(tmp_dir)`` runs after the model is saved
     and before ``files`` are written: it may write more files into ``tmp_dir`` (e.g. the exported
-    ONNX model) and returns entries that update ``files``.
+    ONNX model) and returns entries that update ``files``. Under torchrun only rank 0 writes.
     """
     from safetensors.torch import save_model
 
+    from edgecompress.train import process_rank
+
     model = unwrap(model)
     out = Path(out_dir)
+    if process_rank() != 0:  # under torchrun every rank holds the same model; rank 0 writes it
+        return out
     if out.exists():
         raise UserError(f"output folder {out} already exists (choose another --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +275,9 @@ def save(
         for fname, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=1, default=str)
             (tmp / fname).write_text(text)
+        for f in tmp.rglob("*"):  # some writers (safetensors) create private files
+            if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -165,6 +165,13 @@ class _Ranks:
     world: int = 1
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (0 in a plain run): only rank 0 logs and writes files."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def _destroy_at_exit() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -31,6 +32,12 @@ def tiny_ckpt(tmp_path_factory):
     torch.save(loaded.model.state_dict(), folder / "weights.pt")
     (folder / "empty.txt").write_text("\n\n")
     (folder / "emptydir").mkdir()
+    import numpy as np
+    from PIL import Image
+
+    for k in range(12):  # 12 class folders for a 10-class model
+        (folder / "twelve" / f"c{k:02d}").mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 20 * k, np.uint8)).save(folder / "twelve" / f"c{k:02d}" / "a.png")
     return folder
 
 
@@ -87,6 +94,10 @@ def _bad(tmp_path, ckpt):
             "contains no text",
         ),
         "data does not fit": (["--calib", "text"], "does not fit image model"),
+        "more classes than outputs": (
+            ["--model", TINY_VIT + "&pretrained=false", "--calib", f"imagefolder:{ckpt / 'twelve'}"],
+            "has 12 class folders but the model has 10 outputs",
+        ),
         "unknown data": (["--calib", "mnist"], "unknown data spec"),
         "impossible pass order": (
             ["--recipe", _recipe(tmp_path, "passes: [{pass: uniform_ptq}, {pass: adalog}]")],
@@ -108,6 +119,18 @@ def _bad(tmp_path, ckpt):
             ["--recipe", _recipe(tmp_path, "device: cuda\npasses: [{pass: uniform_ptq}]")],
             "no CUDA GPU" if not torch.cuda.is_available() else "",
         ),
+        "nm n >= m": (
+            ["--recipe", _recipe(tmp_path, "passes: [{pass: nm_oneshot, n: 4, m: 4}]")],
+            "0 < n < m",
+        ),
+        "step without t_max": (
+            ["--recipe", _recipe(tmp_path, "passes: [{pass: step}]")],
+            "t_max is required",
+        ),
+        "step t_max <= t_min": (
+            ["--recipe", _recipe(tmp_path, "passes: [{pass: step, t_min: 5, t_max: 5}]")],
+            "t_min < t_max",
+        ),
         "unknown device": (
             ["--recipe", _recipe(tmp_path, "device: tpu\npasses: [{pass: uniform_ptq}]")],
             "device",
@@ -119,8 +142,10 @@ CASES = [
     "unknown pass", "unknown field", "mistyped field", "malformed yaml", "missing recipe", "unknown spec",
     "unknown timm arch", "missing hf dir", "unknown demo", "no local weights", "missing weights",
     "truncated weights", "not safetensors", "pickle weights", "weights do not fit", "nan model",
-    "empty calibration folder", "empty text file", "data does not fit", "unknown data",
+    "empty calibration folder", "empty text file", "data does not fit", "more classes than outputs",
+    "unknown data",
     "impossible pass order", "pass version", "unknown train field", "bad train value", "unknown device",
+    "nm n >= m", "step without t_max", "step t_max <= t_min",
 ] + (["recipe device without a GPU"] if not torch.cuda.is_available() else [])  # fmt: skip
 
 
@@ -188,7 +213,25 @@ def test_compress_eval_inspect_on_tiny_model(tmp_path, tiny_ckpt, capsys):
         "report.json",
         "report.md",
     }
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"] == {"data": "digits", "samples_requested": 8, "samples_used": 8}
+    assert "Calibration: 8 samples of `digits`" in (out / "report.md").read_text()
+    # every Linear (head included) is quantized; the rest is patch embedding and
+    # position/class tokens: 85 % of this tiny ViT's weights, so no warning
+    depth, width = 2, 48
+    linears = depth * (width * 3 * width + width * width + 2 * width * 4 * width) + width * 10
+    assert report["coverage"]["compressed"] == linears
+    assert report["coverage"]["fraction"] > 0.5 and "coverage" not in " ".join(report["warnings"])
+    # PyTorch latency: the bench method, both models alternated (same count), ≥ 3 s of timed calls
+    lat = report["latency_ms"]
+    assert lat["baseline"]["iterations"] == lat["compressed"]["iterations"] >= 5
+    assert lat["method"]["min_seconds"] == 3.0
+    timed_s = lat["baseline"]["mean_ms"] * lat["baseline"]["iterations"] / 1e3
+    timed_s += lat["compressed"]["mean_ms"] * lat["compressed"]["iterations"] / 1e3
+    assert timed_s >= 3.0 * 0.99
+    for w in report["warnings"]:  # CoV warnings (a loaded machine) are printed, not only stored
+        assert f"warning: {w}" in printed
     assert main(["inspect", str(out)]) == 0
     assert "blocks.0.attn.qkv" in capsys.readouterr().out
     assert main(["eval", "--model", str(out), "--samples", "50"]) == 0

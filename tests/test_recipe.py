@@ -25,8 +25,8 @@ def _roundtrip(recipe: Recipe) -> Recipe:
 def test_every_registered_pass_roundtrips_with_defaults():
     load_builtin_passes()
     assert "uniform_ptq" in PASSES
-    for name in PASSES:
-        r = recipe_from_dict({"passes": [{"pass": name}]})
+    for name, cls in PASSES.items():  # a pass with required fields names an example of them
+        r = recipe_from_dict({"passes": [{"pass": name, **getattr(cls, "EXAMPLE", {})}]})
         assert _roundtrip(r) == r, name
 
 

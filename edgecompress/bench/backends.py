@@ -36,6 +36,21 @@ class Runner:
     cuda: bool = False
     output: Callable[[], np.ndarray] | None = None  # one run's main output, for sanity checks
     feeds: dict[str, np.ndarray] | None = None  # the inputs it runs on (onnxruntime)
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # every input's shape, as fed
+
+    @property
+    def batch(self) -> int | None:
+        """The leading dimension of the first input: the batch this runner really times."""
+        first = next(iter(self.shapes.values()), None)
+        return int(first[0]) if first else None
+
+
+def _shapes(inputs) -> dict[str, list[int]]:
+    if isinstance(inputs, dict):
+        return {k: list(v.shape) for k, v in inputs.items() if torch.is_tensor(v)}
+    if torch.is_tensor(inputs):
+        return {"input": list(inputs.shape)}
+    return {f"input{i}": list(t.shape) for i, t in enumerate(inputs)}
 
 
 def torch_runner(
@@ -58,12 +73,31 @@ def torch_runner(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    return Runner(call, info, cuda=device == "cuda", output=lambda: call().float().cpu().numpy())
+    output = lambda: call().float().cpu().numpy()  # noqa: E731
+    return Runner(call, info, cuda=device == "cuda", output=output, shapes=_shapes(inputs))
 
 
-def feeds_for(sess, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Synthetic inputs for an ORT session: dynamic axis 0 = batch, axis 1 of integer inputs = seq."""
+def vocab_size(path: str | Path) -> int | None:
+    """Rows of the embedding table the graph's ``input_ids`` index (a Gather on an initializer)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name for i in model.graph.input if "input_ids" in i.name}
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in inputs:
+            rows = shapes.get(node.input[0])
+            if rows:
+                return int(rows[0])
+    return None
+
+
+def feeds_for(sess, batch: int, seq: int, seed: int = 0, vocab: int | None = None) -> dict[str, np.ndarray]:
+    """Synthetic inputs for an ORT session: dynamic axis 0 = batch, axis 1 of integer inputs = seq;
+    token ids below ``vocab`` (every vocabulary has ids 100–999 when it is not known)."""
     rng = np.random.default_rng(seed)
+    hi = min(SYNTH_ID_RANGE[1], vocab or SYNTH_ID_RANGE[1])
+    lo = min(SYNTH_ID_RANGE[0], hi - 1)
     feeds = {}
     for inp in sess.get_inputs():
         is_int = "int" in inp.type
@@ -84,7 +118,7 @@ def feeds_for(sess, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray
         elif "type" in inp.name:
             feeds[inp.name] = np.zeros(shape, np.int64)
         else:
-            feeds[inp.name] = rng.integers(*SYNTH_ID_RANGE, size=shape).astype(np.int64)
+            feeds[inp.name] = rng.integers(lo, hi, size=shape).astype(np.int64)
     return feeds
 
 
@@ -94,7 +128,7 @@ def ort_runner(
     from edgecompress.export.runtime import onnxruntime, ort_session, session_config
 
     sess = ort_session(path, threads, ort_defaults=ort_defaults, spinning=False)
-    feeds = feeds_for(sess, batch, seq)
+    feeds = feeds_for(sess, batch, seq, vocab=vocab_size(path))
     info = {
         "backend": "onnxruntime",
         "onnx": str(path),
@@ -102,7 +136,8 @@ def ort_runner(
         "session": session_config(path, threads, ort_defaults, spinning=False),
     }
     output = lambda: np.asarray(sess.run(None, feeds)[0])  # noqa: E731
-    return Runner(lambda: sess.run(None, feeds), info, output=output, feeds=feeds)
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    return Runner(lambda: sess.run(None, feeds), info, output=output, feeds=feeds, shapes=shapes)
 
 
 _TRT_DTYPES = {
@@ -133,8 +168,11 @@ def trt_runner(engine_path: str | Path, batch: int, seq: int) -> Runner:
                 for a, d in enumerate(engine.get_tensor_shape(name))
             ]
             ctx.set_input_shape(name, shape)
+    shapes = {}
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            shapes[name] = list(ctx.get_tensor_shape(name))
         dtype = _TRT_DTYPES[engine.get_tensor_dtype(name).name]
         shape = tuple(ctx.get_tensor_shape(name))
         t = (
@@ -149,4 +187,4 @@ def trt_runner(engine_path: str | Path, batch: int, seq: int) -> Runner:
         ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream)
 
     info = {"backend": "tensorrt", "engine": str(engine_path), "tensorrt": trt.__version__, "verified": False}
-    return Runner(call, info | {"buffers": sorted(buffers)}, cuda=True)
+    return Runner(call, info | {"buffers": sorted(buffers)}, cuda=True, shapes=shapes)

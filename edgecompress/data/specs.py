@@ -27,6 +27,15 @@ def default_data(loaded: LoadedModel) -> str:
     return "digits" if loaded.kind == "image" else "text"
 
 
+def model_classes(model) -> int | None:
+    """The number of class outputs of an image classifier (timm ``num_classes``, HF ``num_labels``)."""
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        config = getattr(model, "config", None)
+        n = getattr(config, "num_labels", None) if config is not None else None
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def _chunks(x, size: int) -> list:
     return [x[i : i + size] for i in range(0, len(x), size)]
 
@@ -39,13 +48,19 @@ def _image_tensors(spec: str, loaded: LoadedModel, split: str, samples: int):
         raw, labels = digits_split(split)
         x = fit_images(raw, tuple(cfg["input_size"]), cfg["mean"], cfg["std"])
     else:
-        x, labels, _ = imagefolder(
+        x, labels, classes = imagefolder(
             spec[len("imagefolder:") :],
             tuple(cfg["input_size"]),
             cfg["mean"],
             cfg["std"],
             cfg.get("crop_pct", 0.875),
         )
+        outputs = model_classes(loaded.model)
+        if outputs is not None and len(classes) > outputs:
+            raise UserError(
+                f"{spec} has {len(classes)} class folders but the model has {outputs} outputs: "
+                "labels are the sorted folder index, so they would not match"
+            )
     if samples:
         x, labels = x[:samples], labels[:samples]
     return x, labels
@@ -77,8 +92,20 @@ def _text(spec: str, loaded: LoadedModel, split: str, samples: int, batch_size: 
     batches = []
     for chunk in _chunks(texts, batch_size):
         enc = tok(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-        batches.append(dict(enc))
+        batches.append(_check_ids(dict(enc), loaded))
     return Batches(batches, None, spec, len(texts))
+
+
+def _check_ids(enc: dict, loaded: LoadedModel) -> dict:
+    """Refuse token ids the model's embedding cannot look up (a tokenizer that does not match it)."""
+    vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", None)
+    top = int(enc["input_ids"].max()) if enc["input_ids"].numel() else 0
+    if vocab and top >= vocab:
+        raise UserError(
+            f"the tokenizer of {loaded.spec} gives token id {top}, but the model's vocabulary has {vocab} "
+            "entries: tokenizer and model do not match"
+        )
+    return enc
 
 
 def _check_spec(spec: str, loaded: LoadedModel, samples: int, batch_size: int) -> bool:
@@ -114,7 +141,7 @@ def load_samples(
     if not texts:
         raise UserError(f"data {spec!r} is empty")
     enc = tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-    return SampleSet(dict(enc), None, batch_size)
+    return SampleSet(_check_ids(dict(enc), loaded), None, batch_size)
 
 
 def load_data(

@@ -98,17 +98,18 @@ def check_tensorrt_ready(model) -> list[str]:
 
 
 def weights_2to4(model) -> tuple[int, int]:
-    """(2:4-sparse MatMul/Gemm weights, all such weights) among the graph's constant weights."""
+    """(2:4-sparse MatMul/Gemm weights, all such weights) among the graph's constant weights.
+
+    Behind a ``DequantizeLinear`` a weight is zero where its code equals the zero-point (per
+    channel along the DQ's axis), not where the code is 0.
+    """
     consts = _constants(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     sparse = total = 0
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
-        name = node.input[1]
-        if name in producers and producers[name].op_type == "DequantizeLinear":
-            name = producers[name].input[0]
-        w = consts.get(name)
+        w = _weight_values(node.input[1], consts, producers)
         if w is None or w.ndim != 2:
             continue
         k_axis = (
@@ -117,9 +118,27 @@ def weights_2to4(model) -> tuple[int, int]:
         wk = np.moveaxis(w, k_axis, -1)  # [..., K]
         total += 1
         if wk.shape[-1] % 4 == 0:
-            groups = (wk.reshape(*wk.shape[:-1], -1, 4) != 0).sum(-1)
+            groups = wk.reshape(*wk.shape[:-1], -1, 4).sum(-1)
             sparse += int(bool((groups <= 2).all()))
     return sparse, total
+
+
+def _weight_values(name: str, consts: dict, producers: dict) -> np.ndarray | None:
+    """Boolean "non-zero" map of a constant weight, seen through a DequantizeLinear if there is one."""
+    dq = producers.get(name)
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        codes = consts.get(dq.input[0])
+        if codes is None:
+            return None
+        zp = consts.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if zp is None or zp.size == 1:
+            return codes != (0 if zp is None else zp.reshape(()))
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % codes.ndim
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        return codes.astype(np.int32) != zp.astype(np.int32).reshape(shape)
+    w = consts.get(name)
+    return None if w is None else w != 0
 
 
 def require_tensorrt():

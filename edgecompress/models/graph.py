@@ -22,16 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgecompress.calib import head
 from edgecompress.models.attention import AttentionAdapter
-
-
-def head(inputs, n: int | None):
-    """The first ``n`` samples of a model input (a tensor or a dict of tensors); all if ``n`` is None."""
-    if n is None:
-        return inputs
-    if isinstance(inputs, dict):
-        return {k: (v[:n] if torch.is_tensor(v) else v) for k, v in inputs.items()}
-    return inputs[:n]
 
 
 @dataclass

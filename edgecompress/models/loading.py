@@ -12,8 +12,10 @@ Only safetensors files are read; pickle checkpoints are refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,17 @@ def _parse_query(spec: str) -> tuple[str, dict[str, Any]]:
     return name, opts
 
 
+@contextlib.contextmanager
+def _seeded(active: bool, seed: int = 0):
+    """Seed torch's RNG for a random initialisation without disturbing the caller's RNG stream."""
+    if not active:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _timm(spec: str, checkpoint: str | None, random_init: bool) -> LoadedModel:
     import timm
 
@@ -129,7 +142,8 @@ def _timm(spec: str, checkpoint: str | None, random_init: bool) -> LoadedModel:
         raise UserError(f"timm has no architecture {arch!r}")
     hub_offline()
     try:
-        model = timm.create_model(arch, pretrained=bool(pretrained and not checkpoint), **opts)
+        with _seeded(not pretrained):  # random weights are the same in every run (and every rank)
+            model = timm.create_model(arch, pretrained=bool(pretrained and not checkpoint), **opts)
     except TypeError as e:
         raise UserError(f"timm:{arch}: bad option ({e})") from None
     except Exception as e:  # hub/cache errors come in many types
@@ -190,7 +204,10 @@ def _hf(spec: str, folder: Path, random_init: bool = False) -> LoadedModel:
     auto = _hf_auto(kind)
     weights = sorted(folder.glob("*.safetensors"))
     if random_init:
-        model = auto.from_config(config)
+        if weights:  # asked for explicitly, but say so: the folder's trained weights are not used
+            print(f"edgecompress: warning: --random-init: ignoring the weights in {folder}", file=sys.stderr)
+        with _seeded(True):
+            model = auto.from_config(config)
     elif not weights:
         has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
         why = (

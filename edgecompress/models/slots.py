@@ -107,16 +107,61 @@ class SlotLinear(nn.Linear):
         """The weight-chain element that stores the weight in a packed form (an N:M mask), if any."""
         return next((m for m in self.weight_chain if callable(getattr(m, "pack_weight", None))), None)
 
+    def _codec(self) -> tuple[int, nn.Module] | None:
+        """(index, quantizer) when the weight can be stored as integer codes: a quantizer with
+        ``encode_weight`` last in the weight chain, after nothing but a packer."""
+        chain = list(self.weight_chain)
+        if not chain or not callable(getattr(chain[-1], "encode_weight", None)):
+            return None
+        if len(chain) > 2 or (len(chain) == 2 and chain[0] is not self._packer()):
+            return None
+        return len(chain) - 1, chain[-1]
+
+    def _codes_key(self, packer) -> str:
+        return "weight_nm_codes" if packer is not None else "weight_codes"
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The weight as stored: N:M-packed (kept values + positions) and/or as integer codes.
+
+        Codes are stored only where the restored weight computes bit-identically (the
+        straight-through form ``w + (q(w) − w)`` can differ from ``q(w)`` by an ulp for clipped
+        values); otherwise that layer keeps float values. ``weight_sqnr_db`` keeps the quantization
+        error, which the restored (already quantized) weight no longer shows.
+        """
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        packer = self._packer()
-        if packer is not None:  # e.g. 2:4: kept values + 2-bit positions instead of the dense weight
-            w = destination.pop(prefix + "weight")
-            for key, value in packer.pack_weight(w.detach()).items():
-                destination[f"{prefix}weight_{key}"] = value
+        packer, codec = self._packer(), self._codec()
+        if packer is None and codec is None:
+            return
+        w = destination.pop(prefix + "weight").detach()
+        parts = packer.pack_weight(w) if packer is not None else {"": w}
+        vkey = "nm_values" if packer is not None else ""
+        if codec is not None:
+            q = codec[1]
+            values = parts[vkey]
+            codes = q.encode_weight(values)
+            if codes is not None:
+                back = q.decode_weight(codes, q.scale, q.zero_point, values.shape).to(values.dtype)
+                with torch.no_grad():
+                    if torch.equal(q(back), q(values)):
+                        del parts[vkey]
+                        destination[prefix + self._codes_key(packer)] = codes
+                        destination[prefix + "weight_sqnr_db"] = torch.tensor(sqnr_db(values, q(values)))
+        for key, value in parts.items():
+            destination[f"{prefix}weight_{key}" if key else prefix + "weight"] = value
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        packer = self._packer()
+        packer, codec = self._packer(), self._codec()
+        codes_key = prefix + self._codes_key(packer)
+        if codec is not None and codes_key in state_dict:
+            i, q = codec
+            scale = state_dict[f"{prefix}weight_chain.{i}.scale"]
+            zero_point = state_dict[f"{prefix}weight_chain.{i}.zero_point"]
+            shape = packer.values_shape() if packer is not None else (self.out_features, self.in_features)
+            values = q.decode_weight(state_dict.pop(codes_key), scale, zero_point, shape).to(
+                self.weight.dtype
+            )
+            state_dict[prefix + ("weight_nm_values" if packer is not None else "weight")] = values
+            self.saved_sqnr_db = float(state_dict.pop(prefix + "weight_sqnr_db", torch.tensor(float("nan"))))
         keys = [f"{prefix}weight_{k}" for k in getattr(packer, "PACKED_KEYS", ())]
         if packer is not None and all(k in state_dict for k in keys):
             parts = {k[len(prefix) + len("weight_") :]: state_dict.pop(k) for k in keys}
@@ -145,9 +190,22 @@ class SlotLinear(nn.Linear):
             "shape": [self.out_features, self.in_features],
             "w_bits": getattr(self.weight_quantizer(), "bits", None),
             "a_bits": getattr(self.input_quantizer(), "bits", None),
+            "bytes": self.deployed_bytes(),
         }
-        if len(self.weight_chain):
-            row["weight_sqnr_db"] = round(sqnr_db(self.weight.detach(), self.effective_weight()), 2)
+        packer = self._packer()
+        if packer is not None:
+            row["sparsity"] = packer.describe().get("sparsity", "")
+        wq = self.weight_quantizer()
+        if getattr(self, "saved_sqnr_db", None) is not None:  # restored from codes: the saved figure
+            row["weight_sqnr_db"] = round(self.saved_sqnr_db, 2)
+        elif wq is not None:  # quantization error of the weight the quantizer sees (after any mask)
+            with torch.no_grad():
+                w = self.weight.detach()
+                for m in self.weight_chain:
+                    if m is wq:
+                        break
+                    w = m(w)
+                row["weight_sqnr_db"] = round(sqnr_db(w, wq(w)), 2)
         return row
 
 
@@ -161,13 +219,39 @@ def as_slot_linear(model: nn.Module, name: str) -> SlotLinear | None:
     return replace_module(model, name, SlotLinear.adopt(mod))
 
 
-def slot_linears(model: nn.Module, targets, ignore) -> tuple[list[str], list[tuple[str, str]]]:
-    """Every targeted Linear as a SlotLinear: (names, [(name, why skipped)])."""
+def called(model: nn.Module, names: list[str], run) -> set[str]:
+    """The modules among ``names`` whose forward runs when ``run(model)`` does (forward pre-hooks)."""
+    hits: set[str] = set()
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hits.add(n)) for n in names]
+    was_training = model.training
+    model.eval()  # no dropout draws: the probe leaves the RNG stream alone
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return hits
+
+
+NOT_CALLED = "never called: its parent computes with its weight directly, so a slot there would not run"
+
+
+def slot_linears(model: nn.Module, targets, ignore, run=None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every targeted Linear as a SlotLinear: (names, [(name, why skipped)]).
+
+    With ``run(model)`` (one forward on example data), a Linear whose forward never runs (timm EVA's
+    ``F.linear(x, self.qkv.weight, bias)``, nn.MultiheadAttention's out_proj) is skipped, so no
+    pass claims a quantizer or mask that the model would not execute.
+    """
+    linears = [(n, m) for n, m in select_modules(model, targets, ignore) if isinstance(m, nn.Linear)]
+    ran = called(model, [n for n, _ in linears], run) if run is not None else {n for n, _ in linears}
     names, skipped = [], []
-    for name, mod in select_modules(model, targets, ignore):
-        if not isinstance(mod, nn.Linear):
-            continue
-        if as_slot_linear(model, name) is None:
+    for name, mod in linears:
+        if name not in ran:
+            skipped.append((name, NOT_CALLED))
+        elif as_slot_linear(model, name) is None:
             skipped.append((name, f"{type(mod).__name__} is not a plain Linear (custom forward)"))
         else:
             names.append(name)

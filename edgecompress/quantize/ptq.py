@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from edgecompress.calib import ActivationStats, observe
+from edgecompress.calib import ActivationStats, example_run, observe
 from edgecompress.errors import UserError
 from edgecompress.models.attention import SLOT_ROLES, adapters, explicit_attention_
 from edgecompress.models.slots import QUANTIZER, SlotLinear, add_to_chain, slot_linears
@@ -36,10 +36,11 @@ def check_bits(w_bits: int, a_bits: int) -> None:
 def quantizable_linears(model: nn.Module, targets, ignore, ctx: Context) -> list[str]:
     """Every targeted Linear as a :class:`SlotLinear` whose chains hold no quantizer yet.
 
-    Linears that cannot be swapped are noted in the pass report; a Linear an earlier pass already
+    Linears that cannot be swapped or that the model never calls are noted in the pass report
+    (``not quantized``); a Linear an earlier pass already
     quantized is a one-line error (the order check lets only passes with different targets meet).
     """
-    names, skipped = slot_linears(model, targets, ignore)
+    names, skipped = slot_linears(model, targets, ignore, example_run(ctx))
     for name, why in skipped:
         ctx.notes.append(f"{name}: not quantized ({why})")
     for name in names:

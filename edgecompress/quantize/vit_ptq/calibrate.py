@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgecompress.calib import capture
+from edgecompress.calib import capture, head
 from edgecompress.errors import UserError
 from edgecompress.models.attention import explicit_attention_
-from edgecompress.models.graph import AttnUnit, LinearUnit, block_key, discover_units, head
+from edgecompress.models.graph import AttnUnit, LinearUnit, block_key, discover_units
 from edgecompress.pipeline import Context
+from edgecompress.progress import Progress
 from edgecompress.quantize.modules import sqnr_db
 from edgecompress.quantize.ptq import attention_slots, quantizable_linears
 from edgecompress.quantize.reparam import GELU_SHIFT
@@ -51,11 +52,13 @@ class _Calibrator:
                 groups[-1].append(u)
             else:
                 groups.append([u])
+        progress = Progress(f"{self.cfg.name} calibration, unit", len(units))
         for group in groups:
             names = [n for u in group for n in _capture_names(u)]
             cache = capture(self.model, names, self.ctx.forward_loop, self.cfg.calib_samples)
             for u in group:
                 self._linear(u, cache) if isinstance(u, LinearUnit) else self._attention(u, cache)
+                progress.step(_unit_name(u))
             del cache
 
     def _linear(self, u: LinearUnit, cache) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from edgecompress.models.graph import LinearUnit, head
+from edgecompress.calib import head
+from edgecompress.models.graph import LinearUnit
 from edgecompress.quantize.reparam import reparameterize_
 
 FOLD_REL_TOL = 1e-4

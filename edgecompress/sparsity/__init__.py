@@ -1,0 +1,1 @@
+"""Sparsity: static N:M patterns (:mod:`.nm`) and, later, input-dependent (dynamic) computation."""
