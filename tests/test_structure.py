@@ -41,7 +41,9 @@ def test_structure_records_format_passes_and_tensor_shapes(tmp_path):
     st = json.loads((out / "structure.json").read_text())
     assert st["format"] == 2 and [p["pass"] for p in st["passes"]] == ["uniform_ptq"]
     assert st["passes"][0]["version"] == UniformPTQ.VERSION
-    assert st["tensors"]["blocks.0.attn.qkv.weight"] == {"shape": [144, 48], "dtype": "float32"}
+    # an 8-bit weight is stored as its integer codes (one byte each) + the quantizer's scale/zero-point
+    assert st["tensors"]["blocks.0.attn.qkv.weight_codes"] == {"shape": [144 * 48], "dtype": "uint8"}
+    assert "blocks.0.attn.qkv.weight" not in st["tensors"]
     assert st["tensors"]["blocks.0.attn.qkv.weight_chain.0.scale"]["shape"] == [144, 1]
     assert all(op["module"].startswith("edgecompress.") for op in st["ops"])
     assert set(st["tensors"]) == set(model.state_dict())
@@ -60,7 +62,7 @@ def test_structure_records_format_passes_and_tensor_shapes(tmp_path):
             "unknown op 'teleport'",
         ),
         (lambda st: st["ops"][1].update(name="blocks.9.attn.qkv"), "no module 'blocks.9.attn.qkv'"),
-        (lambda st: st["tensors"]["head.weight"].update(shape=[3, 3]), "head.weight has shape"),
+        (lambda st: st["tensors"]["norm.weight"].update(shape=[3, 3]), "norm.weight has shape"),
         (lambda st: st.pop("base"), "missing or corrupt"),
     ],
     ids=[
@@ -137,3 +139,35 @@ def test_slot_linear_adopts_without_drawing_random_numbers():
     slot = SlotLinear.adopt(lin)
     assert torch.equal(torch.get_rng_state(), state)  # replays do not move the global RNG
     assert slot.weight is lin.weight and slot.bias is lin.bias
+
+
+def _tensor_bytes(path) -> int:
+    """Bytes of the tensors in a safetensors file (its size less the 8-byte length and the header)."""
+    raw = path.read_bytes()
+    return len(raw) - 8 - int.from_bytes(raw[:8], "little")
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_quantized_weights_are_stored_at_their_bit_width(bits, tmp_path):
+    """model.safetensors holds what the report's size counts: integer codes at the bit width
+    (two per byte up to 4 bits) + scales/zero-points; plus one 4-byte SQNR per coded layer."""
+    from edgecompress.quantize.modules import deployed_size_bytes
+
+    loaded = tiny_timm()
+    batches = [torch.randn(3, 3, 32, 32)]
+    ctx = make_context(batches, loaded.call, torch.device("cpu"))
+    model, records = run(loaded.model, [UniformPTQ(w_bits=bits, a_bits=8)], ctx)
+    out = save(model, tmp_path / "q", {})
+    coded = [n for n, m in model.named_modules() if isinstance(m, SlotLinear) and m.weight_quantizer()]
+    width = 8 if bits > 4 else 4  # 3-bit codes take a nibble
+    saved = _tensor_bytes(out / "model.safetensors")
+    layers = [model.get_submodule(n) for n in coded]
+    assert all(m.weight.numel() % 2 == 0 for m in layers)
+    expected = deployed_size_bytes(model) + 4 * len(coded)
+    expected -= sum(m.weight.numel() * (bits - width) // 8 for m in layers)  # report: 3 bits; file: 4
+    assert saved == expected
+    back = restore(out)
+    with torch.no_grad():
+        assert torch.equal(loaded.call(model, batches[0]), loaded.call(back, batches[0]))
+    first = model.get_submodule(coded[0]).describe()["weight_sqnr_db"]
+    assert back.get_submodule(coded[0]).describe()["weight_sqnr_db"] == first  # the saved figure

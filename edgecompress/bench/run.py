@@ -108,25 +108,51 @@ def _check_args(backend: str, batch: int, seq: int, threads: int | None) -> None
         require_tensorrt()  # before any export
 
 
+def shape_label(shapes: dict[str, list[int]]) -> str:
+    """``input_ids 8×128, attention_mask 8×128``: the shapes a runner is fed."""
+    return ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in shapes.items())
+
+
+def check_same_work(names: list[str], runners: list[Runner]) -> None:
+    """``--vs`` compares latencies only of runs on inputs of the same shapes (one line otherwise)."""
+    if len(runners) < 2:
+        return
+    first = [list(v) for v in runners[0].shapes.values()]
+    for name, r in zip(names[1:], runners[1:]):
+        if [list(v) for v in r.shapes.values()] != first:
+            raise UserError(
+                f"--vs: {names[0]} runs on [{shape_label(runners[0].shapes)}] but {name} on "
+                f"[{shape_label(r.shapes)}]: they do different work, so their latencies do not compare "
+                "(a graph's static dimensions override --batch / --seq)"
+            )
+
+
 def _timed(
     names: list[str], runners: list[Runner], backend: str, batch: int, seq: int, threads, timing
 ) -> dict:
+    check_same_work(names, runners)
     stats = time_alternating([r.call for r in runners], cuda=runners[0].cuda, **timing)
     results, warnings = [], []
     for name, runner, st in zip(names, runners, stats):
+        ran = runner.batch or batch
         results.append(
             {
                 "target": name,
                 **runner.info,
+                "inputs": runner.shapes,
+                "batch": ran,
                 "latency": st,
-                "throughput_per_s": round(batch * 1e3 / st["median_ms"], 3),
+                "throughput_per_s": round(ran * 1e3 / st["median_ms"], 3),
             }
         )
+        if ran != batch:
+            warnings.append(f"{name}: its graph has a static batch of {ran}; --batch {batch} was not used")
         if (w := unstable(st)) is not None:
             warnings.append(f"{name}: {w}")
     out = {
         "backend": backend,
-        "batch": batch,
+        "batch": results[0]["batch"],
+        "batch_requested": batch,
         "seq": seq,
         "method": {**timing, "what": "one inference call, inputs already in place; round-robin when several"},
         "results": results,
@@ -177,7 +203,8 @@ def format_lines(result: dict) -> list[str]:
     for r in result["results"]:
         s = r["latency"]
         lines.append(
-            f"{r['target']} [{result['backend']}, batch {result['batch']}]: median {s['median_ms']:.3f} ms, "
+            f"{r['target']} [{result['backend']}, {shape_label(r['inputs']) or 'batch ' + str(r['batch'])}]: "
+            f"median {s['median_ms']:.3f} ms, "
             f"p90 {s['p90_ms']:.3f}, p99 {s['p99_ms']:.3f}, mean {s['mean_ms']:.3f}, min {s['min_ms']:.3f}, "
             f"CV {s['cv'] * 100:.1f}% over {s['iterations']} runs; {r['throughput_per_s']:.1f} items/s"
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from edgecompress.errors import UserError
@@ -35,8 +38,10 @@ def export_verified(
     """Export ``loaded`` to ``out`` (an ``.onnx`` path), verify it against PyTorch, write the JSON.
 
     ``fmt="tensorrt"`` exports the zero-point-0 form, checks TensorRT readiness and then builds an
-    engine next to the ONNX file (unverified: see :mod:`edgecompress.export.tensorrt`). A failed
-    verification deletes the ONNX file, keeps the JSON and raises :class:`UserError`.
+    engine next to the ONNX file (unverified: see :mod:`edgecompress.export.tensorrt`). The files
+    are written into a temporary sibling folder and moved into place only after verification, so an
+    error or Ctrl-C never leaves an unverified ``.onnx``; a failed verification keeps the JSON and
+    raises :class:`UserError`.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -49,29 +54,43 @@ def export_verified(
         require_tensorrt()  # fail in one line before spending minutes on the export
     import onnx
 
-    target = "tensorrt" if fmt == "tensorrt" else "onnxruntime"
-    result = export_onnx(loaded, onnx_path, opset, dynamic_batch, batch, target, weight_dtype=weight_dtype)
-    record = {"model": loaded.spec, "format": fmt, "export": result.to_dict()}
-    record["tensorrt"] = tensorrt_record(onnx.load(str(onnx_path)))
-    record["onnxruntime"] = optimized_ops(onnx_path)
-    # a TensorRT file keeps INT8 weights; where ORT's u8×s8 kernels saturate, check its function in float
-    integer = not (fmt == "tensorrt" and result.weight_dtype == "int8" and u8s8_saturates())
-    record["verification"] = verify_onnx(loaded, onnx_path, samples, data, batch, integer_kernels=integer)
-    json_path = write_verification(record, verification_path(onnx_path))
-    if not record["verification"]["passed"]:
-        onnx_path.unlink(missing_ok=True)
-        check_verification(record["verification"])
-    if fmt == "tensorrt":
-        record["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), batch=batch)
-        write_verification(record, json_path)
+    final = onnx_path
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    onnx_path = work / final.name  # written and verified here, moved into place only when it passed
+    try:
+        target = "tensorrt" if fmt == "tensorrt" else "onnxruntime"
+        result = export_onnx(
+            loaded, onnx_path, opset, dynamic_batch, batch, target, weight_dtype=weight_dtype
+        )
+        record = {"model": loaded.spec, "format": fmt, "export": result.to_dict()}
+        record["tensorrt"] = tensorrt_record(onnx.load(str(onnx_path)), fmt)
+        record["onnxruntime"] = optimized_ops(onnx_path)
+        # a TensorRT file keeps INT8 weights; where ORT's u8×s8 kernels saturate, check its function in float
+        integer = not (fmt == "tensorrt" and result.weight_dtype == "int8" and u8s8_saturates())
+        record["verification"] = verify_onnx(loaded, onnx_path, samples, data, batch, integer_kernels=integer)
+        if fmt == "tensorrt" and record["verification"]["passed"]:
+            record["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), batch=batch)
+        record = _relocate(record, str(work), str(final.parent))
+        json_path = write_verification(record, verification_path(final))  # kept even when it failed
+        if not record["verification"]["passed"]:
+            check_verification(record["verification"])
+        for f in work.iterdir():
+            os.replace(f, final.parent / f.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     record["json"] = str(json_path)
     return record
 
 
-def tensorrt_record(model) -> dict:
-    """TensorRT readiness of an ONNX model for the JSON: a verdict, the count, the first issues."""
+def tensorrt_record(model, fmt: str = "onnx") -> dict:
+    """TensorRT readiness of an ONNX model for the JSON: a verdict, the count, the first issues; for
+    the onnxruntime form also whether ``--format tensorrt`` (activation offsets rewritten) would be."""
     problems = check_tensorrt_ready(model)
-    return {"ready": not problems, "issue_count": len(problems), "issues": problems[:MAX_ISSUES]}
+    out = {"ready": not problems, "issue_count": len(problems), "issues": problems[:MAX_ISSUES]}
+    if fmt == "onnx" and problems:
+        out["ready_with_format_tensorrt"] = not check_tensorrt_ready(model, offsets_rewritten=True)
+    return out
 
 
 def summary_line(record: dict) -> str:
@@ -80,7 +99,15 @@ def summary_line(record: dict) -> str:
     ints = sum(record["onnxruntime"]["integer_kernels"].values())
     fid = f"top-1 agreement {v['top1_agreement']}%, " if "top1_agreement" in v else ""
     t = record["tensorrt"]
-    trt = "yes" if t["ready"] else f"no ({t['issue_count']} issues, e.g. {t['issues'][0]})"
+    if t["ready"]:
+        trt = "yes"
+    elif t.get("ready_with_format_tensorrt"):
+        trt = (
+            f"with --format tensorrt (this onnxruntime form keeps {t['issue_count']} activation "
+            "zero-points ≠ 0, which that form rewrites)"
+        )
+    else:
+        trt = f"no ({t['issue_count']} issues, e.g. {t['issues'][0]})"
     return (
         f"{ex['path']}: {ex['exporter']} exporter, opset {ex['opset']}, {ex['qdq']['QuantizeLinear']} Q / "
         f"{ex['qdq']['DequantizeLinear']} DQ, {ex['qdq']['integer_weight_initializers']} {ex['weight_dtype'].upper()} weights; ORT integer "

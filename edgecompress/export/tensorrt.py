@@ -52,7 +52,7 @@ def _constants(model) -> dict[str, np.ndarray]:
     return out
 
 
-def _qdq_violations(node, consts: dict, elem_types: dict) -> list[str]:
+def _qdq_violations(node, consts: dict, elem_types: dict, offsets_rewritten: bool = False) -> list[str]:
     where = f"{node.op_type} {node.name or node.output[0]!r}"
     if len(node.input) < 3 or not node.input[2]:
         return []  # no zero-point: 0, and the default output type is uint8 only for Q
@@ -60,9 +60,12 @@ def _qdq_violations(node, consts: dict, elem_types: dict) -> list[str]:
     if zp_name not in consts:
         return [f"{where}: zero-point {zp_name!r} is not a constant"]
     zp, out = consts[zp_name], []
+    activation = node.input[0] not in consts  # weights: a constant behind their DequantizeLinear
+    if offsets_rewritten and not activation and zp.dtype == np.uint8 and np.all(zp == 128):
+        return []  # symmetric UINT8 weight codes (--weight-dtype auto on some CPUs): INT8 there
     if elem_types.get(zp_name, INT8) != INT8 and zp.dtype != np.int8:
         out.append(f"{where}: {zp.dtype} quantization (TensorRT wants INT8)")
-    if np.any(zp != 0):
+    if np.any(zp != 0) and not (offsets_rewritten and activation):
         out.append(
             f"{where}: zero-point {zp.flatten()[:4].tolist()} is not 0 (TensorRT needs symmetric INT8)"
         )
@@ -79,8 +82,13 @@ def _qdq_violations(node, consts: dict, elem_types: dict) -> list[str]:
     return out
 
 
-def check_tensorrt_ready(model) -> list[str]:
-    """Every reason ``model`` (an ``onnx.ModelProto``) does not fit TensorRT explicit quantization."""
+def check_tensorrt_ready(model, offsets_rewritten: bool = False) -> list[str]:
+    """Every reason ``model`` (an ``onnx.ModelProto``) does not fit TensorRT explicit quantization.
+
+    ``offsets_rewritten``: ignore non-zero zero-points of activation Q/DQ, which the
+    ``target="tensorrt"`` export writes in the zero-point-0 offset form, and symmetric UINT8 weight
+    codes, which it writes as INT8 (the question "would the TensorRT form of this model be ready?"
+    asked of its onnxruntime form)."""
     consts = _constants(model)
     elem_types = {i.name: i.data_type for i in model.graph.initializer}
     problems: list[str] = []
@@ -90,7 +98,7 @@ def check_tensorrt_ready(model) -> list[str]:
     unsupported = {}
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            problems += _qdq_violations(node, consts, elem_types)
+            problems += _qdq_violations(node, consts, elem_types, offsets_rewritten)
         if node.domain not in ("", "ai.onnx") or node.op_type not in TRT_SUPPORTED_OPS:
             unsupported[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] = True
     problems += [f"op {op} is not in TensorRT's supported-op list" for op in sorted(unsupported)]

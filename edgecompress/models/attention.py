@@ -9,8 +9,11 @@ the ``probs`` slot, then ``· v``. A pass that replaces the core (a swap of ``<a
 leaves the slots alone; a core that computes the softmax inside a fused kernel says so with
 ``SUPPORTS_PROBS = False`` and a later PTQ pass quantizes q, k, v around it.
 
-* timm ``Attention`` (ViT, DeiT) and Swin ``WindowAttention`` are swapped for subclasses that
-  override ``forward`` only and keep every parameter name, so checkpoints load unchanged.
+* timm ``Attention`` (ViT, DeiT), Swin ``WindowAttention``, EVA/EVA02 ``EvaAttention`` (RoPE
+  applied before the q/k slots) and BEiT ``Attention`` are swapped for subclasses that override
+  ``forward`` only and keep every parameter name, so checkpoints load unchanged. EVA and BEiT add
+  their q/v biases inside ``F.linear(x, self.qkv.weight, …)``; the explicit forms call ``self.qkv``
+  and add the biases after it, so a slot Linear there really runs.
 * Hugging Face models are not touched in code: an attention function is registered under the name
   ``"edgecompress"`` through transformers' public ``AttentionInterface`` and each attention module
   gets an ``ec_attn`` child; this covers BERT-style encoders, ViT and Llama-style decoders
@@ -121,7 +124,66 @@ def _timm_classes() -> dict[type, type]:
             x = x.transpose(1, 2).reshape(B_, N, -1)
             return self.proj_drop(self.proj(x))
 
-    return {Attention: ExplicitAttention, WindowAttention: ExplicitWindowAttention}
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.eva import EvaAttention, apply_rot_embed_cat
+
+    def qkv_heads(self, x):
+        """q, k, v ``[B, H, N, D]`` through ``self.qkv`` itself (timm adds the q/v biases in
+        ``F.linear`` with the weight, which would bypass the slot Linear)."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x)
+        if self.q_bias is not None:
+            qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    class ExplicitEvaAttention(EvaAttention):
+        """timm EVA/EVA02 attention with explicit matmuls: RoPE before the q/k slots, gate kept."""
+
+        def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+            B, N, C = x.shape
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            if self.qkv is not None:
+                q, k, v = qkv_heads(self, x)
+            else:
+                q, k, v = (
+                    p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+                    for p in (self.q_proj, self.k_proj, self.v_proj)
+                )
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+                q = torch.cat(
+                    [q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2
+                ).type_as(v)
+                k = torch.cat(
+                    [k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2
+                ).type_as(v)
+            if is_causal:
+                attn_mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            x = self.ec_attn(q, k, v, attn_mask, self.scale)
+            x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+            if gate is not None:
+                x = x * gate
+            return self.proj_drop(self.proj(x))
+
+    class ExplicitBeitAttention(BeitAttention):
+        """timm BEiT attention with explicit matmuls (relative and shared position biases kept)."""
+
+        def forward(self, x, shared_rel_pos_bias=None):
+            B, N, C = x.shape
+            q, k, v = qkv_heads(self, x)
+            bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
+            if shared_rel_pos_bias is not None:
+                bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+            x = self.ec_attn(q, k, v, bias, self.scale)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+    return {
+        Attention: ExplicitAttention,
+        WindowAttention: ExplicitWindowAttention,
+        EvaAttention: ExplicitEvaAttention,
+        BeitAttention: ExplicitBeitAttention,
+    }
 
 
 _TIMM = None

@@ -14,7 +14,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from edgecompress.quantize.uniform import fake_quant_uniform, sqnr_db
+from edgecompress.quantize.uniform import (
+    dequantize_uniform,
+    fake_quant_uniform,
+    pack_codes,
+    quantize_uniform,
+    sqnr_db,
+    unpack_codes,
+)
 from edgecompress.structure import register_swap
 
 __all__ = ["Quantizer", "UniformQuantizer", "deployed_size_bytes", "sqnr_db"]
@@ -45,6 +52,19 @@ class UniformQuantizer(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_uniform(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.bits)
+
+    # ---- integer storage of a weight (called by SlotLinear's state-dict hooks) ----
+    def encode_weight(self, w: torch.Tensor) -> torch.Tensor | None:
+        """``w``'s codes packed as uint8 (:func:`~edgecompress.quantize.uniform.pack_codes`), or
+        None above 8 bits."""
+        if self.bits > 8:
+            return None
+        return pack_codes(quantize_uniform(w.float(), self.scale, self.zero_point, self.bits), self.bits)
+
+    def decode_weight(self, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, shape):
+        """The dequantized weight of ``shape`` from packed codes and the saved scale/zero-point."""
+        codes = unpack_codes(packed, self.bits, shape).float()
+        return dequantize_uniform(codes, scale.float(), zero_point.float())
 
     def swap_config(self) -> dict:
         return {

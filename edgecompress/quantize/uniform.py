@@ -43,6 +43,31 @@ def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return (codes - zero_point) * scale
 
 
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (``0 ≤ q < 2**bits``, any shape) → a flat uint8 tensor: one code per byte up to
+    8 bits, two per byte (low nibble first) up to 4 bits."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits > 4:
+        return flat
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes of ``shape``."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    if bits > 4:
+        flat = packed.reshape(-1)
+    else:
+        flat = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
+    if flat.numel() < numel:
+        raise ValueError(f"{flat.numel()} stored codes for a weight of {numel} values")
+    return flat[:numel].reshape(*shape)
+
+
 def fake_quant_uniform(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:

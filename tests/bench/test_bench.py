@@ -92,3 +92,19 @@ def test_cli_bench_json_and_exit_codes(onnx_file, tmp_path, capsys):
     ):
         assert main(bad) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_static_batch_is_what_is_labelled_and_counted(onnx_file):
+    # the file's batch axis is static (2): asked for batch 8, it runs 2, and says so
+    result = bench(str(onnx_file), "onnxruntime", batch=8, timing=QUICK)
+    r = result["results"][0]
+    assert r["batch"] == 2 and result["batch"] == 2 and result["batch_requested"] == 8
+    assert list(r["inputs"].values()) == [[2, 3, 32, 32]]
+    _sane(result, 2)  # items/s from the batch that ran
+    assert any("static batch of 2; --batch 8 was not used" in w for w in result["warnings"])
+
+
+def test_vs_refuses_models_fed_different_shapes(onnx_file):
+    # on the fly at batch 8 vs the static batch-2 file: different work, refused in one line
+    with pytest.raises(UserError, match=r"--vs: .* runs on \[.*8×3×32×32\] but .* on \[.*2×3×32×32\]"):
+        bench(SPEC, "onnxruntime", batch=8, vs=str(onnx_file), timing=QUICK)

@@ -19,6 +19,19 @@ def test_export_demo_writes_verified_onnx(tmp_path, capsys):
     record = json.loads((tmp_path / "digits.verification.json").read_text())
     assert out.is_file() and record["verification"]["passed"]
     assert record["verification"]["metrics"]["top1_agreement"] == 100.0
+    assert ".partial-" not in json.dumps(record)  # paths name where the files are, not the temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.onnx", "digits.verification.json"]
+
+
+def test_interrupted_export_leaves_no_file(tmp_path, monkeypatch):
+    import edgecompress.export.deploy as deploy
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C during verification
+
+    monkeypatch.setattr(deploy, "verify_onnx", interrupted)
+    assert main(["export", "demo:vit-digits", "--out", str(tmp_path / "d.onnx"), "--samples", "4"]) == 130
+    assert list(tmp_path.iterdir()) == []  # neither the unverified .onnx nor the temporary folder
 
 
 @pytest.mark.parametrize(

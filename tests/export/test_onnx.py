@@ -205,3 +205,24 @@ def test_dynamic_batch_graph_accepts_other_batch_sizes(vit_w8a8, exported):
     for b in (1, 5):
         x = np.random.default_rng(0).standard_normal((b, 3, 16, 16)).astype(np.float32)
         assert sess.run(None, {"pixel_values": x})[0].shape == (b, 7)
+
+
+def test_top1_counts_only_samples_the_reference_decides():
+    from edgecompress.export.verify import TOP1_MARGIN, _compare, decided_top1
+
+    ref = torch.tensor(
+        [
+            [5.0, 1.0, 0.0, -1.0],  # clear winner: margin 4 of range 6
+            [1.0, 0.99, 0.0, -1.0],  # near tie: margin 0.01 < 2 % of range 2
+            [2.0, 0.0, 1.0, -2.0],  # margin 1 of range 4
+        ]
+    )
+    assert decided_top1(ref).tolist() == [True, False, True]
+    out = ref.clone()
+    out[1, :2] = torch.tensor([0.99, 1.0])  # the near tie flips: not counted
+    assert _compare("image", ref, out, None)["top"] == (2, 2, 1)
+    out[2] = torch.tensor([0.0, 0.0, 3.0, -2.0])  # a decided sample flips: counted
+    assert _compare("image", ref, out, None)["top"] == (1, 2, 1)
+    # the rule's edge: a margin of exactly TOP1_MARGIN × range decides
+    edge = torch.tensor([[1.0, 1.0 - TOP1_MARGIN * 2.0, -1.0]])
+    assert decided_top1(edge).tolist() == [True]

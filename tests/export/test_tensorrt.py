@@ -14,7 +14,7 @@ from torch import nn
 
 from edgecompress.cli import main
 from edgecompress.errors import UserError
-from edgecompress.export.deploy import export_verified
+from edgecompress.export.deploy import export_verified, tensorrt_record
 from edgecompress.export.runtime import u8s8_saturates
 from edgecompress.export.tensorrt import check_tensorrt_ready, require_tensorrt, weights_2to4
 from edgecompress.export.verify import verify_onnx
@@ -36,6 +36,11 @@ def test_softmax_output_needs_the_offset_form(vit_w8a8_sym, exported):
     _, model = exported("vit_sym_ort", vit_w8a8_sym, weight_dtype="int8")  # uint8 weights: TensorRT refuses
     problems = check_tensorrt_ready(model)
     assert problems and all("zero-point [-128]" in p for p in problems)
+    # ... and the record (and the console line) says the TensorRT form of the same model is ready
+    record = tensorrt_record(model, "onnx")
+    assert not record["ready"] and record["ready_with_format_tensorrt"] is True
+    _, auto = exported("vit_sym_auto", vit_w8a8_sym)  # UINT8 weight codes where ORT needs them
+    assert tensorrt_record(auto, "onnx")["ready_with_format_tensorrt"] is True
 
 
 def test_asymmetric_recipe_reports_weight_zero_points(vit_w8a8, exported):
@@ -45,6 +50,7 @@ def test_asymmetric_recipe_reports_weight_zero_points(vit_w8a8, exported):
     _, trt_model = exported("vit_asym_trt", vit_w8a8, target="tensorrt")
     remaining = check_tensorrt_ready(trt_model)  # activations moved to the offset form; weights cannot
     assert remaining and all("DequantizeLinear" in p for p in remaining)
+    assert tensorrt_record(model, "onnx")["ready_with_format_tensorrt"] is False
 
 
 def test_unsupported_ops_and_opset_are_listed(vit_w8a8_sym, exported):

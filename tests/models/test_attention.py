@@ -7,7 +7,7 @@ import torch
 
 from edgecompress.models.attention import AttentionAdapter, explicit_attention_
 from edgecompress.models.loading import load_model
-from edgecompress.models.slots import chains
+from edgecompress.models.slots import called, chains
 from tests.conftest import tiny_timm
 
 TOL = 1e-5
@@ -22,15 +22,25 @@ def _count_point_calls(model):
     return calls, hooks
 
 
-@pytest.mark.parametrize(
-    "arch", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224"]
-)
+SMALL = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4}
+TIMM_ARCHS = {
+    "vit_tiny_patch16_224": {},
+    "deit_tiny_distilled_patch16_224": {},
+    "swin_tiny_patch4_window7_224": {},
+    "eva02_tiny_patch14_224": SMALL,  # RoPE, SwiGLU, q/v biases added in F.linear
+    "beit_base_patch16_224": SMALL,  # relative position bias, q/v biases added in F.linear
+}
+
+
+@pytest.mark.parametrize("arch", list(TIMM_ARCHS))
 def test_timm_explicit_attention_matches(arch):
-    loaded = tiny_timm(arch)
+    loaded = tiny_timm(arch, **TIMM_ARCHS[arch])
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = loaded.model(x)
         names = explicit_attention_(loaded.model)
+        qkv = [n for n, _ in loaded.model.named_modules() if n.endswith("attn.qkv")]
+        assert called(loaded.model, qkv, lambda m: m(x)) == set(qkv)  # the qkv Linears really run
         calls, hooks = _count_point_calls(loaded.model)
         out = loaded.model(x)
     n_attn = sum(isinstance(m, AttentionAdapter) for m in loaded.model.modules())
