@@ -31,6 +31,7 @@ from tqdm import tqdm
 from edgecompress.data.samples import Batch, SampleSet
 from edgecompress.errors import UserError
 from edgecompress.losses import default_loss, distill_loss, task_loss  # noqa: F401  (the public API)
+from edgecompress.progress import Progress
 from edgecompress.train_state import STATE_FORMAT, atomic_save, flatten, mismatch, read_state, unflatten
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -460,12 +461,16 @@ def _fit(
     bar = tqdm(
         total=cfg.steps, initial=start, desc=desc, unit="step", disable=None if ranks.rank == 0 else True
     )
+    # no terminal (a log file, CI): tqdm is off, so throttled progress lines with ETA instead
+    lines = Progress(f"{desc}, training step", cfg.steps - start) if bar.disable and ranks.rank == 0 else None
     with bar:
         for s in range(start, cfg.steps):
             seen += run.step(s, loss_fn)
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{run.last_loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
             bar.update()
+            if lines is not None:
+                lines.step(f"loss {run.last_loss:.4f}, {rate:.0f} samples/s")
             if callback is not None:
                 callback(s + 1, model, opt, run.last_loss)
             if cfg.checkpoint_every and ((s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps):

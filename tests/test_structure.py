@@ -171,3 +171,25 @@ def test_quantized_weights_are_stored_at_their_bit_width(bits, tmp_path):
         assert torch.equal(loaded.call(model, batches[0]), loaded.call(back, batches[0]))
     first = model.get_submodule(coded[0]).describe()["weight_sqnr_db"]
     assert back.get_submodule(coded[0]).describe()["weight_sqnr_db"] == first  # the saved figure
+
+
+@pytest.mark.parametrize("w_bits", [None, 8])
+def test_nm_weights_are_stored_at_the_size_the_report_counts(w_bits, tmp_path):
+    """2:4 (and 2:4 + INT8): the file's tensor bytes equal the reported size (N:M masks are rebuilt
+    from the stored positions, not stored), plus one 4-byte SQNR per coded layer."""
+    from edgecompress.quantize.modules import deployed_size_bytes
+    from edgecompress.recipe import recipe_from_dict
+
+    loaded = tiny_timm()
+    batches = [torch.randn(3, 3, 32, 32)]
+    entries = [{"pass": "nm_oneshot"}] + ([{"pass": "uniform_ptq", "w_bits": w_bits}] if w_bits else [])
+    passes = recipe_from_dict({"passes": entries}).passes
+    model, _ = run(loaded.model, passes, make_context(batches, loaded.call, torch.device("cpu")))
+    out = save(model, tmp_path / "nm", {})
+    coded = (
+        [m for m in model.modules() if isinstance(m, SlotLinear) and m.weight_quantizer()] if w_bits else []
+    )
+    assert _tensor_bytes(out / "model.safetensors") == deployed_size_bytes(model) + 4 * len(coded)
+    back = restore(out)
+    with torch.no_grad():
+        assert torch.equal(loaded.call(model, batches[0]), loaded.call(back, batches[0]))

@@ -25,6 +25,22 @@ tokenizer). Thresholds, for the *same* graph in both runtimes:
   kernels 16 do, one of them at 0.942, and the top-1 agreement is still 100 %. A wrong export
   form moves every sample, which the mean and top-1 bounds catch.
 
+Some quantized models reproduce no more precisely than their own sensitivity: a low-bit model
+whose activations sit on many code boundaries (random-weight ViTs at W4A4 are the extreme) flips
+codes, and the flips cascade, under any float rounding change. Measured on
+``timm:deit_tiny_patch16_224?pretrained=false&img_size=64`` AdaLog W4A4: ORT vs PyTorch mean
+cosine 0.9976 (6 of 64 samples < 0.99) with ORT's integer kernels and 0.9973 with every ORT
+optimization off, while PyTorch against *itself*, with relative noise 2⁻²³ (float32's rounding
+step) on every activation quantizer's input, gives 0.9990 (3 of 64 < 0.99). So when a quantized
+image graph fails the gates above, its **sensitivity** is measured that way (:func:`sensitivity`)
+and the export passes if its deviation is at most :data:`SENSITIVITY_FACTOR` (2) times the model's
+own plus the normal allowance, on each of the three measures (1 − mean cosine, outliers below
+0.99, top-1 disagreements); a model whose own mean cosine is below
+:data:`SENSITIVITY_COSINE_MIN` (0.99) is too unstable to verify and fails. Both verdicts and the
+self-metrics are in the JSON. A wrong export form moves every sample far beyond that (a negated
+head: cosine ≈ −1). Not explained by this: random ViT-S (64 px) AdaLog W4A4, ORT 0.9871 against
+its own 0.9961 — it fails.
+
 A failed verification raises :class:`~edgecompress.errors.UserError` (exit code 2).
 """
 
@@ -49,6 +65,9 @@ QUANTIZED_COSINE_MIN = 0.99
 TOP1_MIN = 99.5
 TOP1_MARGIN = 0.02
 FLOAT_REL_MAX = 1e-3
+SENSITIVITY_EPS = 2.0**-23
+SENSITIVITY_FACTOR = 2.0
+SENSITIVITY_COSINE_MIN = 0.99
 DEFAULT_SAMPLES = 64
 
 
@@ -116,6 +135,77 @@ def _judge(kind: str, metrics: dict, quantized: bool) -> list[str]:
     return fails
 
 
+def _summary(parts: list[dict], rows: list[int]) -> dict:
+    cos = torch.cat([p["cos"] for p in parts])
+    metrics = {
+        "samples": int(sum(rows)),
+        "cosine_min": round(float(cos.min()), 6),
+        "samples_below_cosine_floor": int((cos < QUANTIZED_COSINE_MIN).sum()),
+        "cosine_mean": round(float(cos.mean()), 6),
+        "max_abs_error": float(max(p["err"] for p in parts)),
+        "max_abs_output": float(max(p["scale"] for p in parts)),
+    }
+    tops = [p["top"] for p in parts if p["top"] is not None]
+    if tops:
+        decided = sum(n for _, n, _ in tops)
+        metrics["top1_near_ties"] = sum(t for _, _, t in tops)
+        if decided:
+            metrics["top1_agreement"] = round(100.0 * sum(a for a, _, _ in tops) / decided, 3)
+    return metrics
+
+
+def sensitivity(loaded: LoadedModel, batches, rows, seed: int = 0) -> dict:
+    """The model against itself with relative noise ``SENSITIVITY_EPS`` on the input of every
+    activation quantizer (where two runtimes' different float rounding meets a code boundary):
+    the metrics of :func:`verify_onnx` for how far float rounding alone moves it."""
+    gen = torch.Generator().manual_seed(seed)
+    model = loaded.model.eval()
+    weights = {id(m) for mod in model.modules() if isinstance(getattr(mod, "weight_chain", None), torch.nn.Module)
+               for m in mod.weight_chain.modules()}  # fmt: skip
+    points = [
+        m for m in model.modules() if getattr(m, "SLOT_KIND", None) == "quantizer" and id(m) not in weights
+    ]
+
+    def jitter(_module, args):
+        x = args[0]
+        return (x * (1 + SENSITIVITY_EPS * torch.randn(x.shape, generator=gen, dtype=x.dtype)), *args[1:])
+
+    parts = []
+    with torch.no_grad():
+        refs = [loaded.call(model, as_batch(loaded, t)).float() for t in batches]
+        hooks = [m.register_forward_pre_hook(jitter) for m in points]
+        try:
+            for tensors, n, ref in zip(batches, rows, refs):
+                out = loaded.call(model, as_batch(loaded, tensors)).float()[:n]
+                parts.append(_compare(loaded.kind, ref[:n], out, None))
+        finally:
+            for h in hooks:
+                h.remove()
+    return _summary(parts, rows)
+
+
+def judge_against_sensitivity(metrics: dict, own: dict) -> list[str]:
+    """The relaxed gates of the module docstring: at most SENSITIVITY_FACTOR × the model's own
+    deviation plus the normal allowance, on mean cosine, outliers and top-1 disagreement."""
+    k = SENSITIVITY_FACTOR
+    if own["cosine_mean"] < SENSITIVITY_COSINE_MIN:
+        return [f"the model itself moves to cosine {own['cosine_mean']:.4f} under float32-rounding-level input noise: too unstable to verify"]  # fmt: skip
+    fails = []
+    floor = 1.0 - (k * (1.0 - own["cosine_mean"]) + (1.0 - COSINE_MIN))
+    if metrics["cosine_mean"] < floor:
+        fails.append(
+            f"cosine_mean {metrics['cosine_mean']:.6f} < {floor:.6f} (the model's own {own['cosine_mean']:.6f})"
+        )
+    allowed = k * own["samples_below_cosine_floor"] + allowed_outliers(metrics["samples"])
+    if metrics["samples_below_cosine_floor"] > allowed:
+        fails.append(f"{metrics['samples_below_cosine_floor']} samples below {QUANTIZED_COSINE_MIN} > {allowed:g} (the model's own {own['samples_below_cosine_floor']})")  # fmt: skip
+    if "top1_agreement" in metrics and "top1_agreement" in own:
+        worst = 100.0 - (k * (100.0 - own["top1_agreement"]) + (100.0 - TOP1_MIN))
+        if metrics["top1_agreement"] < worst:
+            fails.append(f"top1_agreement {metrics['top1_agreement']}% < {worst:.3f}% (the model's own {own['top1_agreement']}%)")  # fmt: skip
+    return fails
+
+
 def _run_all(loaded: LoadedModel, sess, batches, rows) -> list[dict]:
     names = [i.name for i in sess.get_inputs()]
     parts = []
@@ -147,23 +237,21 @@ def verify_onnx(
     b, dynamic = _static_batch(sess, batch)
     batches, rows = sample_batches(loaded, samples, b, data)
     parts = _run_all(loaded, sess, batches, rows)
-    cos = torch.cat([p["cos"] for p in parts])
-    metrics = {
-        "samples": int(sum(rows)),
-        "cosine_min": round(float(cos.min()), 6),
-        "samples_below_cosine_floor": int((cos < QUANTIZED_COSINE_MIN).sum()),
-        "cosine_mean": round(float(cos.mean()), 6),
-        "max_abs_error": float(max(p["err"] for p in parts)),
-        "max_abs_output": float(max(p["scale"] for p in parts)),
-    }
-    tops = [p["top"] for p in parts if p["top"] is not None]
-    if tops:
-        decided = sum(n for _, n, _ in tops)
-        metrics["top1_near_ties"] = sum(t for _, _, t in tops)
-        if decided:
-            metrics["top1_agreement"] = round(100.0 * sum(a for a, _, _ in tops) / decided, 3)
+    metrics = _summary(parts, rows)
     quantized = export_category(loaded.model) == "quantized"
     fails = _judge(loaded.kind, metrics, quantized)
+    extra = {}
+    if fails and quantized and loaded.kind == "image":
+        own = sensitivity(loaded, batches, rows)
+        relaxed = judge_against_sensitivity(metrics, own)
+        extra["sensitivity"] = {
+            "why": "strict gates failed; judged against the model's own float-rounding sensitivity",
+            "relative_input_noise": SENSITIVITY_EPS,
+            "factor": SENSITIVITY_FACTOR,
+            "own_metrics": own,
+            "strict_failures": fails,
+        }
+        fails = relaxed
     return {
         "onnx": str(path),
         "reference": "PyTorch eager (the exported model, fake-quantized if compressed)",
@@ -182,6 +270,7 @@ def verify_onnx(
             "float_rel_max_abs": FLOAT_REL_MAX,
         },
         "metrics": metrics,
+        **extra,
         "passed": not fails,
         "failures": fails,
         "ort_session": session_config(path, threads, integer_kernels=integer_kernels),

@@ -180,8 +180,7 @@ class SlotLinear(nn.Linear):
         bits = getattr(wq, "bits", self.weight.element_size() * 8)
         numel = self.weight.numel()
         n = packer.weight_bytes(numel, bits) if packer is not None else numel * bits // 8
-        n += sum(b.numel() * b.element_size() for b in self.weight_chain.buffers())
-        n += sum(b.numel() * b.element_size() for b in self.input_chain.buffers())
+        n += _saved_buffer_bytes(self.weight_chain) + _saved_buffer_bytes(self.input_chain)
         return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def describe(self) -> dict:
@@ -207,6 +206,17 @@ class SlotLinear(nn.Linear):
                     w = m(w)
                 row["weight_sqnr_db"] = round(sqnr_db(w, wq(w)), 2)
         return row
+
+
+def _saved_buffer_bytes(module: nn.Module) -> int:
+    """Bytes of the persistent buffers under ``module`` (an N:M mask is rebuilt from the packed
+    positions, so it is not saved and not counted)."""
+    return sum(
+        b.numel() * b.element_size()
+        for m in module.modules()
+        for name, b in m._buffers.items()
+        if b is not None and name not in m._non_persistent_buffers_set
+    )
 
 
 def as_slot_linear(model: nn.Module, name: str) -> SlotLinear | None:

@@ -226,3 +226,48 @@ def test_top1_counts_only_samples_the_reference_decides():
     # the rule's edge: a margin of exactly TOP1_MARGIN × range decides
     edge = torch.tensor([[1.0, 1.0 - TOP1_MARGIN * 2.0, -1.0]])
     assert decided_top1(edge).tolist() == [True]
+
+
+@pytest.mark.parametrize(
+    "cos_mean,below,top1,passes",
+    [
+        (0.9976, 6, 98.3, True),  # measured: random DeiT-tiny AdaLog W4A4 in ORT (own: 0.99901, 3, 98.3)
+        (0.9965, 6, 98.3, False),  # mean beyond 2 × the model's own deviation + 0.001
+        (0.9976, 8, 98.3, False),  # more outliers than 2 × own + the normal allowance
+        (0.9976, 6, 95.0, False),  # top-1 beyond 2 × own disagreement + 0.5 %
+        (-0.99, 64, 0.0, False),  # a wrong form (negated head) is never excused
+    ],
+)
+def test_judged_against_the_models_own_sensitivity(cos_mean, below, top1, passes):
+    from edgecompress.export.verify import judge_against_sensitivity
+
+    own = {"samples": 64, "cosine_mean": 0.999014, "samples_below_cosine_floor": 3, "top1_agreement": 98.276}
+    m = {"samples": 64, "cosine_mean": cos_mean, "samples_below_cosine_floor": below, "top1_agreement": top1}
+    assert (not judge_against_sensitivity(m, own)) == passes
+
+
+def test_random_vit_s_w4a4_is_not_excused():
+    from edgecompress.export.verify import judge_against_sensitivity
+
+    # measured (timm vit_small, random, 64 px, AdaLog W4A4): ORT 0.987127 / 20 outliers vs own 0.996083 / 6
+    own = {"samples": 64, "cosine_mean": 0.996083, "samples_below_cosine_floor": 6, "top1_agreement": 96.226}
+    m = {"samples": 64, "cosine_mean": 0.987127, "samples_below_cosine_floor": 20, "top1_agreement": 96.2}
+    fails = judge_against_sensitivity(m, own)
+    assert len(fails) == 2 and "cosine_mean" in fails[0] and "20 samples" in fails[1]
+
+
+def test_a_model_too_unstable_to_verify_fails():
+    from edgecompress.export.verify import judge_against_sensitivity
+
+    own = {"samples": 64, "cosine_mean": 0.95, "samples_below_cosine_floor": 40, "top1_agreement": 60.0}
+    m = {"samples": 64, "cosine_mean": 0.999, "samples_below_cosine_floor": 0, "top1_agreement": 100.0}
+    assert "too unstable to verify" in judge_against_sensitivity(m, own)[0]
+
+
+def test_sensitivity_of_a_float_model_is_nil(vit):
+    from edgecompress.export.inputs import sample_batches
+    from edgecompress.export.verify import sensitivity
+
+    batches, rows = sample_batches(vit, 16, 8)
+    own = sensitivity(vit, batches, rows)
+    assert own["cosine_mean"] > 0.999999 and own["samples_below_cosine_floor"] == 0
