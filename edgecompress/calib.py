@@ -1,9 +1,10 @@
 """Calibration: data → a :class:`~edgecompress.pipeline.Context`, and the hook context of passes.
 
 Passes that need statistics use :func:`observe` / :func:`capture_inputs` / :func:`capture`, which
-run the context's loop and always remove their hooks (``finally``). :func:`capture` is
-padding-aware: it records each model call's ``attention_mask`` so a pass can drop padding tokens
-(:meth:`Captured.tokens`, :meth:`Captured.attention_groups`).
+run the context's loop and always remove their hooks (``finally``). :func:`observe` and
+:func:`capture` are padding-aware: they read each model call's ``attention_mask`` so padding tokens
+stay out of the statistics (:func:`real_tokens`, :meth:`Captured.tokens`,
+:meth:`Captured.attention_groups`).
 """
 
 from __future__ import annotations
@@ -140,6 +141,23 @@ class ActivationStats:
         self.sample = merged
 
 
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The values of ``x`` at real (unpadded) tokens where ``mask`` (``[b, N]``, 1 = real) fits it:
+    ``[b, N, ·]`` token rows, ``[b, H, N, D]`` per-head rows and ``[b, H, N, N]`` attention
+    probabilities (real query rows × real key columns); anything else unchanged (flattened)."""
+    if mask is None or mask.dim() != 2:
+        return x.reshape(-1)
+    b, n = mask.shape
+    keep = mask.bool()
+    if x.dim() == 3 and tuple(x.shape[:2]) == (b, n):
+        return x[keep].reshape(-1)
+    if x.dim() == 4 and x.shape[0] == b and x.shape[2] == n:
+        if x.shape[3] == n:  # probabilities: masked keys have probability ~0 and would skew the sample
+            return torch.cat([x[i][:, keep[i]][:, :, keep[i]].reshape(-1) for i in range(b)])
+        return x.transpose(1, 2)[keep].reshape(-1)
+    return x.reshape(-1)
+
+
 def observe(
     model: nn.Module,
     names: Sequence[str],
@@ -147,13 +165,21 @@ def observe(
     cap: int = 65536,
     seed: int = 0,
 ) -> dict[str, ActivationStats]:
-    """Statistics of the input of each named module over one run of ``forward_loop``."""
+    """Statistics of the input of each named module over one run of ``forward_loop``; padding
+    tokens of text batches (the call's ``attention_mask``) are left out (:func:`real_tokens`)."""
     stats = {n: ActivationStats(cap=cap, seed=seed) for n in names}
-    hooks = []
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def on_call(_m, args, kwargs):
+        current["mask"] = _batch_info(args, kwargs)[1]
+
+    hooks = [model.register_forward_pre_hook(on_call, with_kwargs=True)]
     try:
         for n in names:
             hooks.append(
-                model.get_submodule(n).register_forward_pre_hook(lambda m, a, s=stats[n]: s.update(a[0]))
+                model.get_submodule(n).register_forward_pre_hook(
+                    lambda m, a, s=stats[n]: s.update(real_tokens(a[0], current["mask"]))
+                )
             )
         forward_loop(model)
     finally:

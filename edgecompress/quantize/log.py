@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from edgecompress.quantize.uniform import levels
+from edgecompress.quantize.uniform import levels, straight_through
 
 ADALOG_R = 37
 """AdaLog's fixed numerator ``r`` (the log base is ``2^(q/r)``)."""
@@ -70,7 +70,7 @@ def _dequantize_log(
 
 
 def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-    return x + (xq - x).detach()
+    return straight_through(x, xq)
 
 
 # --- log2 (FQ-ViT) -------------------------------------------------------------------------------

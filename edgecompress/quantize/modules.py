@@ -53,6 +53,13 @@ class UniformQuantizer(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_uniform(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.bits)
 
+    def rows(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize rows ``values = W[ids]`` of a per-row (``channel``) quantized table with
+        their own rows' parameters: ``self(W)[ids]`` without touching the other rows."""
+        s = self.scale.reshape(-1, 1)[ids].to(values.dtype)
+        z = self.zero_point.reshape(-1, 1)[ids].to(values.dtype)
+        return fake_quant_uniform(values, s, z, self.bits)
+
     # ---- integer storage of a weight (called by SlotLinear's state-dict hooks) ----
     def encode_weight(self, w: torch.Tensor) -> torch.Tensor | None:
         """``w``'s codes packed as uint8 (:func:`~edgecompress.quantize.uniform.pack_codes`), or

@@ -4,7 +4,16 @@ Weights: asymmetric (or symmetric) uniform, per output channel, min/max. Activat
 at the inputs of every targeted Linear and of both attention matmuls (q, k, softmax output, v),
 with ``observer`` = ``minmax``, ``percentile`` (clip to the ``percentile``/100 and
 (100 − ``percentile``)/100 quantiles) or ``mse`` (clip ratio minimizing the quantization MSE of the
-calibration sample). All statistics come from one run of ``ctx.forward_loop`` on the float model.
+calibration sample). All statistics come from one run of ``ctx.forward_loop`` on the float model,
+on real tokens only (padding tokens of text batches are left out: :func:`edgecompress.calib.observe`).
+
+``embedding_bits`` (0 = keep float): every targeted ``nn.Embedding`` table (``embedding_targets``)
+is quantized per row (one asymmetric min/max scale and zero-point per vocabulary entry, the form
+ORT/TensorRT deployments use for INT8 embedding tables), stored as integer codes and exported as a
+``Gather`` of the codes and of their row parameters followed by the dequantization
+(:mod:`edgecompress.export.forms.embedding`). Tables tied to another module's weight (an LM head)
+stay float, with a note. Embedding outputs are not activation-quantized (they feed a LayerNorm or a
+residual sum, not a matmul).
 """
 
 from __future__ import annotations
@@ -18,7 +27,14 @@ from torch import nn
 from edgecompress.calib import ActivationStats, example_run, observe
 from edgecompress.errors import UserError
 from edgecompress.models.attention import SLOT_ROLES, adapters, explicit_attention_
-from edgecompress.models.slots import QUANTIZER, SlotLinear, add_to_chain, slot_linears
+from edgecompress.models.slots import (
+    QUANTIZER,
+    SlotEmbedding,
+    SlotLinear,
+    add_to_chain,
+    slot_embeddings,
+    slot_linears,
+)
 from edgecompress.pipeline import Context, register_pass
 from edgecompress.quantize.modules import UniformQuantizer, sqnr_db
 from edgecompress.quantize.uniform import mse_search_range, params_from_range, weight_params
@@ -47,6 +63,30 @@ def quantizable_linears(model: nn.Module, targets, ignore, ctx: Context) -> list
         layer: SlotLinear = model.get_submodule(name)
         if layer.weight_chain.find(QUANTIZER) is not None or layer.input_chain.find(QUANTIZER) is not None:
             raise UserError(f"{name} is already quantized by an earlier pass (exclude it with ignore)")
+    return names
+
+
+def check_embedding_bits(bits: int) -> None:
+    if bits != 0 and not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"embedding_bits must be 0 (keep float) or in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+
+
+def quantize_embeddings(model: nn.Module, ctx: Context, bits: int, targets, ignore) -> list[str]:
+    """Per-row asymmetric min/max quantization of every targeted embedding table (``bits`` 0: none)."""
+    if not bits:
+        return []
+    names, skipped = slot_embeddings(model, targets, ignore, example_run(ctx))
+    for name, why in skipped:
+        ctx.notes.append(f"{name}: not quantized ({why})")
+    for name in names:
+        emb: SlotEmbedding = model.get_submodule(name)
+        if emb.weight_chain.find(QUANTIZER) is not None:
+            raise UserError(f"{name} is already quantized by an earlier pass (exclude it with ignore)")
+        w = emb.effective_weight()
+        q = UniformQuantizer(bits, False, "channel", "embedding")
+        q.set_params(*weight_params(w, bits, False))
+        q.stats = {"sqnr_db": round(sqnr_db(w, q(w)), 2)}
+        add_to_chain(model, f"{name}.weight_chain", q)
     return names
 
 
@@ -96,9 +136,12 @@ class UniformPTQ:
     quantize_attention: bool = True
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ()
+    embedding_bits: int = 0
+    embedding_targets: tuple[str, ...] = ("Embedding",)
 
     def __post_init__(self):
         check_bits(self.w_bits, self.a_bits)
+        check_embedding_bits(self.embedding_bits)
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
 
@@ -113,6 +156,7 @@ class UniformPTQ:
             wq.set_params(*weight_params(w, self.w_bits, self.symmetric))
             wq.stats = {"sqnr_db": round(sqnr_db(w, wq(w)), 2)}
             add_to_chain(model, f"{name}.weight_chain", wq)
+        quantize_embeddings(model, ctx, self.embedding_bits, self.embedding_targets, self.ignore)
         act_points = [f"{n}.input_chain" for n in linears]
         if self.quantize_attention:
             act_points += attention_slots(model, ctx)

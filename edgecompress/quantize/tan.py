@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from edgecompress.quantize.uniform import levels
+from edgecompress.quantize.uniform import levels, straight_through
 
 
 def tanq_alpha_candidates(n: int = 64, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -90,7 +90,7 @@ def fake_quant_tanq(
 ) -> torch.Tensor:
     """TanQ quantize-dequantize with a straight-through gradient."""
     xq = dequantize_tanq(quantize_tanq(x, scale, alpha, bits), scale, alpha, bits)
-    return x + (xq - x).detach()
+    return straight_through(x, xq)
 
 
 def tanq_code_table(alpha: float, bits: int) -> torch.Tensor:

@@ -68,12 +68,22 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     return flat[:numel].reshape(*shape)
 
 
+def straight_through(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """``xq`` forward, identity gradient to ``x``. Without a gradient to carry (inference,
+    calibration, ``no_grad``) it is ``xq`` itself: the training form ``x + (xq − x)`` differs from
+    ``xq`` by up to an ulp of ``x``, and a runtime's ``DequantizeLinear`` computes ``xq`` exactly,
+    so that ulp would be one more rounding difference between PyTorch and the exported graph."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x + (xq - x).detach()
+    return xq
+
+
 def fake_quant_uniform(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` with a straight-through estimator for the rounding."""
     xq = dequantize_uniform(quantize_uniform(x, scale, zero_point, bits), scale, zero_point)
-    return x + (xq - x).detach()
+    return straight_through(x, xq)
 
 
 def params_from_range(
