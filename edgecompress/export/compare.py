@@ -6,14 +6,19 @@
 tensor *entering* it is captured on both sides for the same inputs (a forward pre-hook in PyTorch,
 the node's input made a graph output in ONNX Runtime) and compared:
 
-* ``rel_err`` — ``‖ort − torch‖ / ‖torch‖`` of the float input (float32 rounding alone gives
-  ~1e-7 here; a different function gives ≥ 1e-3);
-* ``code_flips`` — the fraction of elements whose quantized code differs (the quantizer's own
-  scale/zero-point applied to both).
+* ``rel_err`` — ``‖ort − torch‖ / ‖torch‖`` of the float input, each runtime on its own values end
+  to end (what users see: a float-rounding difference flips a code, the one-step error compounds
+  at every later quantizer, so in a deep low-bit model this grows to the quantization noise);
+* ``segment_rel_err`` — the same with PyTorch fed ORT's value at every quantizer input, so a row
+  measures only the ops since the previous quantizers (float32 rounding: ~1e-7; a different
+  function: far above :data:`DEPART_REL_ERR`);
+* ``code_flips`` — the fraction of elements whose quantized code differs end to end (the
+  quantizer's own scale/zero-point applied to both).
 
-Rows come in graph order; the **first departure** is the first row whose ``rel_err`` exceeds
-:data:`DEPART_REL_ERR` — where the two runtimes start computing different things. Everything
-upstream of it agrees, so the op between that quantizer and the previous one is the culprit.
+Rows come in graph order; the **first departure** is the first row whose ``segment_rel_err``
+exceeds :data:`DEPART_REL_ERR`: that segment computes something else in the exported graph.
+Measured on MiniLM W8A8 (16 texts): every segment ≤ 4.2e-7 while ``rel_err`` grows from 7e-8 to
+0.1 over six layers.
 """
 
 from __future__ import annotations
