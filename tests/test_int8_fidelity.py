@@ -16,8 +16,9 @@ from edgecompress.export.compare import compare_layers
 from edgecompress.export.deploy import export_verified, saved_eval_data
 from edgecompress.export.inputs import sample_batches
 from edgecompress.export.onnx import export_onnx
+from edgecompress.models.embedding import SlotEmbedding
 from edgecompress.models.loading import load_model
-from edgecompress.models.slots import SlotEmbedding, SlotLinear
+from edgecompress.models.slots import SlotLinear
 from edgecompress.pipeline import run
 from edgecompress.quantize.modules import UniformQuantizer
 from edgecompress.quantize.ptq import UniformPTQ

@@ -27,12 +27,11 @@ from torch import nn
 from edgecompress.calib import ActivationStats, example_run, observe
 from edgecompress.errors import UserError
 from edgecompress.models.attention import SLOT_ROLES, adapters, explicit_attention_
+from edgecompress.models.embedding import SlotEmbedding, slot_embeddings
 from edgecompress.models.slots import (
     QUANTIZER,
-    SlotEmbedding,
     SlotLinear,
     add_to_chain,
-    slot_embeddings,
     slot_linears,
 )
 from edgecompress.pipeline import Context, register_pass

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecompress.export.forms.registry import ExportOptions, register_form
-from edgecompress.models.slots import SlotEmbedding
+from edgecompress.models.embedding import SlotEmbedding
 from edgecompress.quantize.modules import UniformQuantizer
 from edgecompress.quantize.uniform import quantize_uniform
 
