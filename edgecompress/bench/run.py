@@ -1,8 +1,10 @@
 """``edgecompress bench``: latency of a model spec / compressed folder / .onnx file on one backend.
 
 A model spec runs as is on ``torch``; on ``onnxruntime`` and ``openvino`` it is exported on the fly
-(static batch, the compressed model's Q/DQ graph) and sanity-checked against PyTorch on the
-benchmark inputs (cosine ≥ 0.999) before it is timed. ``openvino:bf16`` asks OpenVINO's CPU plugin
+(static batch, the compressed model's Q/DQ graph; ``compress`` passes the file it just exported
+and verified instead) and sanity-checked against PyTorch on the benchmark inputs before it is
+timed (cosine ≥ 0.999 for float graphs, ≥ 0.95 for quantized ones, whose fidelity the export's
+verification judges: on synthetic inputs a quantized graph may legitimately sit lower). ``openvino:bf16`` asks OpenVINO's CPU plugin
 for bf16 inference (``INFERENCE_PRECISION_HINT``; what it really used is recorded). ``vs`` times a
 second target round-robin with the first in the same process and reports
 ``speedup = median(vs) / median(model)``.
@@ -226,13 +228,38 @@ def bench(
 
 
 def bench_models(
-    models: dict, backend: str, batch: int, seq: int, threads: int | None = None, timing: dict | None = None
+    models: dict,
+    backend: str,
+    batch: int,
+    seq: int,
+    threads: int | None = None,
+    timing: dict | None = None,
+    files: dict | None = None,
 ) -> dict:
-    """Time in-memory models (``{name: LoadedModel}``, e.g. baseline and compressed) alternately."""
+    """Time in-memory models (``{name: LoadedModel}``, e.g. baseline and compressed) alternately.
+
+    ``files`` (``{name: .onnx path}``) gives a model's already exported and verified graph (of
+    this batch size) for the onnxruntime / openvino backends, so it is not exported again; its
+    outputs are still sanity-checked against the model."""
     _check_args(backend, batch, seq, threads)
+    files = files if split_backend(backend)[0] in ("onnxruntime", "openvino") else {}
     with tempfile.TemporaryDirectory(prefix="ec-bench-") as tmp:
-        runners = [prepare_loaded(m, backend, batch, seq, threads, "cpu", Path(tmp)) for m in models.values()]
+        runners = [
+            _from_exported(m, Path(files[n]), backend, batch, seq, threads, Path(tmp))
+            if n in (files or {})
+            else prepare_loaded(m, backend, batch, seq, threads, "cpu", Path(tmp))
+            for n, m in models.items()
+        ]
         return _timed(list(models), runners, backend, batch, seq, threads, _timing(timing))
+
+
+def _from_exported(loaded, path: Path, backend: str, batch: int, seq: int, threads, work: Path) -> Runner:
+    from edgecompress.export.inputs import input_names
+
+    runner = _from_file(path, backend, batch, seq, threads, work)
+    runner.info["sanity_cosine"] = round(_sanity(loaded, runner, input_names(loaded)), 6)
+    runner.info["onnx_file"] = path.name
+    return runner
 
 
 def format_lines(result: dict) -> list[str]:

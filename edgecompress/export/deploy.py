@@ -210,8 +210,11 @@ def deploy_stage(
 
         timing = {"min_seconds": bench["seconds"], "min_iters": bench["iterations"]}
         models = {"compressed": compressed, "baseline": baseline}
+        reuse = export is not None and export["format"] == "onnx" and export["batch"] == bench["batch"]
+        reuse = reuse and not export["dynamic_batch"]  # the verified file has the benchmark's shapes
+        files = {"compressed": tmp / "model.onnx"} if reuse else None
         section["bench"] = bench_models(
-            models, bench["backend"], bench["batch"], bench["seq"], bench["threads"] or None, timing
+            models, bench["backend"], bench["batch"], bench["seq"], bench["threads"] or None, timing, files
         )
     return section
 
