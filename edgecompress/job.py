@@ -81,6 +81,22 @@ def _latencies(loaded: LoadedModel, models: list, batch) -> list[dict]:
         return time_alternating(fns, **LATENCY_TIMING)
 
 
+def _simulated(model: torch.nn.Module) -> bool:
+    from edgecompress.export.forms import export_category
+
+    return export_category(model) == "quantized"
+
+
+def _latency_note(model: torch.nn.Module, dev: torch.device) -> str:
+    timing = f"eager on {dev.type}, baseline and compressed alternated, ≥ 3 s"
+    if not _simulated(model):
+        return f"PyTorch: {timing}; the compressed model runs its own execution forms"
+    return (
+        f"PyTorch simulation: {timing}; fake-quantized layers compute in float (slower than the float "
+        "model): not the deployed latency, which the ONNX Runtime row measures"
+    )
+
+
 def resolve_device(device: str) -> torch.device:
     """``cpu`` or ``cuda``; asking for CUDA without a GPU is a one-line error."""
     if device not in ("cpu", "cuda"):
@@ -127,12 +143,14 @@ def _context(loaded: LoadedModel, recipe: Recipe, eval_data, dev: torch.device):
 
 
 def coverage(model: torch.nn.Module) -> dict:
-    """How much of the model's weight (parameters of ≥ 2 dims) sits in layers a pass changed."""
+    """How much of the model's weight (parameters of ≥ 2 dims) sits in layers a pass changed (a
+    chain element, or inside a dynamic module such as an ACM, class attribute ``DYNAMIC``)."""
     total, done, left = 0, 0, {}
     owned = {}
     for mod in model.modules():
         for p in mod.parameters(recurse=False):
             owned.setdefault(id(p), mod)
+    rebuilt = {id(m) for d in model.modules() if getattr(d, "DYNAMIC", False) for m in d.modules()}
     seen = set()
     for p in model.parameters():
         if p.dim() < 2 or id(p) in seen:
@@ -140,7 +158,7 @@ def coverage(model: torch.nn.Module) -> dict:
         seen.add(id(p))
         mod = owned[id(p)]
         total += p.numel()
-        if len(getattr(mod, "weight_chain", ())):
+        if len(getattr(mod, "weight_chain", ())) or id(mod) in rebuilt:
             done += p.numel()
         else:
             left[type(mod).__name__] = left.get(type(mod).__name__, 0) + p.numel()
@@ -236,9 +254,8 @@ def compress(
         "metrics": {"baseline": base_metrics, "compressed": comp_metrics},
         "size_bytes": {"baseline": base_size, "compressed": deployed_size_bytes(model)},
         "latency_ms": {
-            "note": f"PyTorch simulation: eager on {dev.type}, baseline and compressed alternated, ≥ 3 s; "
-            "fake-quantized layers compute in float (slower than the float model): not the deployed "
-            "latency, which the ONNX Runtime row measures",
+            "note": _latency_note(model, dev),
+            "simulated": _simulated(model),
             "method": LATENCY_TIMING,
             "batch": _batch_size(batch0),
             "baseline": base_lat,
@@ -255,7 +272,9 @@ def compress(
     stage = None
     if export_sec is not None or bench_sec is not None:
         report["deploy_sections"] = {"export": export_sec, "bench": bench_sec, "implicit": implicit}
-        stage = _deploy_files(replace(loaded, model=model), baseline, export_sec, bench_sec, implicit, report, Path(out))
+        stage = _deploy_files(
+            replace(loaded, model=model), baseline, export_sec, bench_sec, implicit, report, Path(out)
+        )
     out = save(model, out, files, _with_tokenizer(loaded, stage))
     loaded.model = model
     return JobResult(out, report)
@@ -272,7 +291,13 @@ def _with_tokenizer(loaded: LoadedModel, deploy):
 
 
 def _deploy_files(
-    compressed: LoadedModel, baseline: LoadedModel | None, export, bench, implicit: bool, report: dict, out: Path
+    compressed: LoadedModel,
+    baseline: LoadedModel | None,
+    export,
+    bench,
+    implicit: bool,
+    report: dict,
+    out: Path,
 ):
     """``save``'s ``extra`` callback: export/verify/bench into the temporary folder, then the report."""
 

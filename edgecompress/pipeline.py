@@ -43,6 +43,7 @@ BUILTIN_PASS_MODULES = (
     "edgecompress.quantize.ptq",
     "edgecompress.quantize.vit_ptq",
     "edgecompress.sparsity.nm",
+    "edgecompress.sparsity.acm",
 )
 
 

@@ -33,7 +33,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     lat = report["latency_ms"]
     rows.append(
         (
-            f"PyTorch simulation b{lat['batch']} (ms, median)",
+            f"PyTorch{' simulation' if lat.get('simulated', True) else ''} b{lat['batch']} (ms, median)",
             str(lat["baseline"]["median_ms"]),
             str(lat["compressed"]["median_ms"]),
         )
@@ -86,6 +86,7 @@ def report_markdown(report: dict) -> str:
     for rec in report["passes"]:
         lines += [f"## pass `{rec['pass']}` ({rec['seconds']} s)", ""]
         lines += [f"- {note}" for note in rec.get("notes", [])]
+        lines += _acm_lines(rec.get("info", {}).get("acm"))
         lines += ["", "| " + " | ".join(LAYER_COLUMNS) + " |", "|" + "---|" * len(LAYER_COLUMNS)]
         lines += ["| " + " | ".join(map(str, layer_row(r))) + " |" for r in rec["layers"]]
         lines.append("")
@@ -94,3 +95,18 @@ def report_markdown(report: dict) -> str:
         f"Environment: torch {env['torch']}, {env['cpu']}, {env['threads']} threads, CUDA: {env['cuda']}."
     )
     return "\n".join(lines) + "\n"
+
+
+def _acm_lines(acm: dict | None) -> list[str]:
+    """The gates' choices per ACM layer on the eval data: share of tokens per k, executed fraction."""
+    if not acm:
+        return []
+    n = max(len(v["k_counts"]) for v in acm["layers"].values())
+    head = ["layer"] + [f"k={k}" for k in range(n)] + ["executed"]
+    lines = ["", f"Executed fraction of the MLP compute (eval data): {acm['mean_fraction']:.3f}", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in acm["layers"].items():
+        tokens = max(v["tokens"], 1)
+        shares = [f"{100 * c / tokens:.1f}%" for c in v["k_counts"]]
+        lines.append("| " + " | ".join([name, *shares, f"{v['fraction']:.3f}"]) + " |")
+    return lines

@@ -34,6 +34,7 @@ QUICK = {  # fields per pass that keep a run to seconds on a tiny model
     "asp": {"steps": 2},
     "sr_ste": {"steps": 2},
     "step": {"steps": 4, "t_max": 2},
+    "acm": {"distill_steps": 2, "gate_steps": 2},
 }
 PAIRS = list(itertools.product(sorted(PASSES), repeat=2))
 

@@ -51,6 +51,7 @@ class ExportResult:
     rewrites: dict = field(default_factory=dict)
     fallback_reason: str | None = None
     seconds: float = 0.0
+    dynamic: dict[str, str] = field(default_factory=dict)  # form -> how the runtime computes it
 
     def to_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
@@ -156,8 +157,15 @@ def export_onnx(
     return ExportResult(
         path, used, opset, names, out, "dynamic" if dynamic_batch else batch, target,
         export_category(loaded.model) == "quantized", dtype, why, counts, qdq_summary(model), rewrites, reason,
-        round(time.perf_counter() - t0, 2),
+        round(time.perf_counter() - t0, 2), _dynamic_compute(form),
     )  # fmt: skip
+
+
+def _dynamic_compute(form: nn.Module) -> dict[str, str]:
+    """Per dynamic export form, whether the graph skips compute or computes densely, masked."""
+    return {
+        type(m).__name__: m.COMPUTE for m in form.modules() if isinstance(getattr(m, "COMPUTE", None), str)
+    }
 
 
 def check_onnx(path: str | Path):

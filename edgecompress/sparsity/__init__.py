@@ -1,1 +1,2 @@
-"""Sparsity: static N:M patterns (:mod:`.nm`) and, later, input-dependent (dynamic) computation."""
+"""Sparsity: static N:M patterns (:mod:`.nm`) and input-dependent (dynamic) computation: Adaptive
+Computation Modules (:mod:`.acm`)."""
