@@ -166,6 +166,7 @@ def _acm(gated=False, act="gelu", k_min=0, seed=3, dtype=torch.float64, out_bias
     """20 → 13, 4 learners of 6, gate width 8; weights ~N(0, 0.5) so the random gate mixes its choices."""
     torch.manual_seed(seed)
     m = ACMMLP(20, 13, N, 6, 8, act=act, gated=gated, k_min=k_min, out_bias=out_bias).to(dtype).eval()
+    m.use_gate = True  # training mode samples the gate, as in the acm pass's phase III
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.5)
@@ -312,6 +313,24 @@ def test_fixed_k_overrides_the_gate_in_eval_and_training(fixed):
     _close(a.detach(), want, F64, "train")
     rebuilt = ACMMLP.from_swap(None, m.swap_config())
     assert rebuilt.fixed_k == fixed
+
+
+def test_outside_phase_three_training_mode_keeps_the_gates_decisions():
+    """A later training pass (ASP, STEP, ...) trains the learners under the gates' argmax choices:
+    deterministic, equal to eval, the gate gets no gradient, and nothing of the graph stays on the
+    module (it must deep-copy). Oracle: the eval output (same weights), float64 tolerance."""
+    m = _acm()
+    m.use_gate = False  # the default of a restored or finished ACM
+    x = torch.randn(59, 20, dtype=torch.float64)
+    with torch.no_grad():
+        want = m(x)
+    m.train()
+    a = m(x)
+    _close(a.detach(), want, F64, "train mode without the sampled gate")
+    a.sum().backward()
+    assert m.last_choice is None and m.gate.fc1.weight.grad is None and m.fc1.weight.grad is not None
+    copy.deepcopy(m)
+    assert ACMMLP.from_swap(None, m.swap_config()).use_gate is False
 
 
 @pytest.mark.parametrize(("gated", "out_bias"), [(False, True), (True, False)])

@@ -9,7 +9,7 @@ output bias, added to every token, also at ``k = 0``) and a gate choosing ``k`` 
 
 Forward by mode:
 
-* training with ``use_gate`` (phase III): hard Gumbel-softmax straight-through one-hot ``y`` over
+* training with ``use_gate`` set (only the ``acm`` pass's phase III sets it): hard Gumbel-softmax straight-through one-hot ``y`` over
   ``k ∈ {k_min..L}``; learner ``n`` is scaled by ``m_n = Σ_{c>n} y_c`` (1 for the executed ones),
   which equals the paper's ``Σ_c y_c·h(z, c)`` in value and gradient (the sum is linear in ``y``);
   the last one-hot is kept in ``last_choice`` for the budget / entropy / diversity losses;
@@ -82,7 +82,10 @@ class ACMMLP(nn.Module):
         self.bias2 = nn.Parameter(torch.zeros(d_out)) if out_bias else None
         self.gate = ACMGate(d, gate_width, n_learners + 1 - k_min)
         self.register_buffer("k_counts", torch.zeros(n_learners + 1, dtype=torch.long), persistent=False)
-        self.use_gate, self.fixed_k, self.form, self.record = True, fixed_k, "auto", False
+        # use_gate: sampled (Gumbel) gates in training mode. Off outside the acm pass, so a later
+        # training pass (ASP, STEP, ...) trains the learners under the gates' deterministic choices
+        # and no graph tensor is left on the module (last_choice)
+        self.use_gate, self.fixed_k, self.form, self.record = False, fixed_k, "auto", False
         self.gumbel_tau = 1.0
         self.last_choice: torch.Tensor | None = None  # [tokens, choices] one-hot of the last forward
 

@@ -20,6 +20,7 @@ from edgecompress.train import FitResult, default_loss, fit
 
 AFTER_QUANT = "ACM learners are trained in float and replace the MLPs' Linears: quantize after acm"
 AFTER_SPARSITY = "ACM rebuilds the MLPs from their weights, dropping N:M masks: put N:M after acm"
+AFTER_DYNAMIC = "one acm per recipe: the MLPs are ACMs already (give the first one every target)"
 
 
 class _Capture:
@@ -97,7 +98,7 @@ class ACM:
     VERSION: ClassVar[int] = 1
     needs_teacher: ClassVar[bool] = True
     needs_training: ClassVar[bool] = True
-    cannot_follow: ClassVar[dict] = {"quantize": AFTER_QUANT, "sparsity": AFTER_SPARSITY}
+    cannot_follow: ClassVar[dict] = {"quantize": AFTER_QUANT, "sparsity": AFTER_SPARSITY, "acm": AFTER_DYNAMIC}
 
     n_learners: int = 4
     budget: float = 0.5
@@ -179,13 +180,15 @@ class ACM:
             cap.close()
         for acm in acms.values():
             acm.fixed_k = self.fixed_k
+        for acm in acms.values():
+            acm.use_gate = True
         try:
             fits["end_to_end"] = self._end_to_end(
                 model, acms, ctx, cfg.override(steps=self.steps, lr=self.lr)
             )
         finally:
             for acm in acms.values():
-                acm.last_choice = None  # a graph tensor: the model must stay deep-copyable
+                acm.use_gate, acm.last_choice = False, None  # a graph tensor: keep the model deep-copyable
         self._report(model, acms, ctx, fits)
         return model
 
