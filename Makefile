@@ -15,7 +15,8 @@ demo: $(BIN)/.installed
 	$(BIN)/edgecompress compress
 
 test: $(BIN)/.installed
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	# two workers, one torch thread each: most tests are Python-bound and use under one core each
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 	$(BIN)/ruff check edgecompress tests benchmarks
 	bash .ci/wheel_check.sh $(VENV)
 
