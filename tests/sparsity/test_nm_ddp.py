@@ -28,24 +28,26 @@ passes:
 
 
 def _compress(cmd_prefix: list[str], out: Path, recipe: Path) -> subprocess.CompletedProcess:
+    """``compress`` of the tiny ViT with ``recipe``; ``cmd_prefix`` after the interpreter or torchrun."""
     args = ["compress", "--model", TINY_VIT + "&pretrained=false", "--recipe", str(recipe), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*cmd_prefix, *args], env=env, capture_output=True, text=True, timeout=600)
+    prefix = [sys.executable, *cmd_prefix] if cmd_prefix[0] == "-m" else cmd_prefix  # else: torchrun ...
+    return subprocess.run([*prefix, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
+def _torchrun() -> list[str]:
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.is_file():
         pytest.skip("torchrun is not installed")
+    return [str(torchrun), "--standalone", "--nproc_per_node", "2"]
+
+
+def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
     recipe = tmp_path / "step.yaml"
     recipe.write_text(RECIPE)
-    one = _compress([sys.executable, "-m", "edgecompress"], tmp_path / "one", recipe)
+    one = _compress(["-m", "edgecompress"], tmp_path / "one", recipe)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _compress(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "edgecompress"],
-        tmp_path / "two",
-        recipe,
-    )
+    two = _compress([*_torchrun(), "-m", "edgecompress"], tmp_path / "two", recipe)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("compress time") == 1  # rank 0 alone prints and writes
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
