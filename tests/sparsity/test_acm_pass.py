@@ -192,6 +192,14 @@ BAD = {
         "passes: [{pass: acm, n_learners: 2, fixed_k: 3}]",
         "fixed_k must be an integer in [0, n_learners=2] or null, got 3",
     ),
+    "gumbel_tau 0": (
+        "passes: [{pass: acm, gumbel_tau: 0}]",
+        "passes[0]: gumbel_tau must be a number > 0, got 0",
+    ),
+    "acm after acm": (
+        "passes: [{pass: acm}, {pass: acm, targets: [head]}]",
+        "passes[1] 'acm' cannot follow passes[0] 'acm': one acm per recipe",
+    ),
     "unknown field": (
         "passes: [{pass: acm, n_learner: 4}]",
         "passes[0].n_learner: unknown field of pass 'acm'",

@@ -16,7 +16,8 @@ runs them data-parallel):
 3. **end to end** (``steps``, the recipe's ``train:``): the task loss (or distillation from the
    teacher without labels) + ``budget_weight`` 0.1 · |executed fraction − ``budget``| +
    ``entropy_weight`` 0.05 · entropy term + ``diversity_weight`` 0.05 · diversity term
-   (:mod:`.losses`), hard Gumbel-softmax straight-through gates; the whole model trains
+   (:mod:`.losses`), hard Gumbel-softmax straight-through gates at temperature ``gumbel_tau``
+   (0.8, the official ViT-B scripts' value; the paper gives none); the whole model trains
    (``train_all``), as in the paper.
 
 Choices where the paper or its code is silent or disagrees:
@@ -33,9 +34,10 @@ Choices where the paper or its code is silent or disagrees:
 * Attention projections (the paper's ViT-B variant) are not converted; MLPs only.
 
 Execution (:mod:`.execute`, DESIGN §6): the masked-dense reference, the bucketed CPU form that
-skips the work, and the Triton kernel ``edgecompress.kernels.acm_mlp`` on CUDA. Export: the gate
-is in the ONNX graph and the learners are computed densely with the unexecuted hidden units
-masked (:mod:`edgecompress.export.forms.acm`).
+skips the work, and the Triton kernel ``edgecompress.kernels.acm_mlp`` on CUDA. Export
+(:mod:`edgecompress.export.forms.acm`): the gate is in the ONNX graph; for ONNX Runtime the graph
+runs each learner only on the tokens that execute it, for TensorRT (or quantized learners) every
+learner is computed and the unexecuted ones are masked; the export JSON says which.
 """
 
 from __future__ import annotations

@@ -98,11 +98,16 @@ class ACM:
     VERSION: ClassVar[int] = 1
     needs_teacher: ClassVar[bool] = True
     needs_training: ClassVar[bool] = True
-    cannot_follow: ClassVar[dict] = {"quantize": AFTER_QUANT, "sparsity": AFTER_SPARSITY, "acm": AFTER_DYNAMIC}
+    cannot_follow: ClassVar[dict] = {
+        "quantize": AFTER_QUANT,
+        "sparsity": AFTER_SPARSITY,
+        "acm": AFTER_DYNAMIC,
+    }
 
     n_learners: int = 4
     budget: float = 0.5
     tau: float = 1.2
+    gumbel_tau: float = 0.8  # phase III's Gumbel-softmax temperature (the official ViT-B scripts' 0.8)
     budget_weight: float = 0.1
     entropy_weight: float = 0.05
     diversity_weight: float = 0.05
@@ -124,6 +129,7 @@ class ACM:
             ("n_learners", isinstance(self.n_learners, int) and self.n_learners >= 1, "an integer >= 1"),
             ("budget", _num(self.budget) and 0 < self.budget <= 1, "in (0, 1]"),
             ("tau", _num(self.tau) and self.tau > 0, "a number > 0"),
+            ("gumbel_tau", _num(self.gumbel_tau) and self.gumbel_tau > 0, "a number > 0"),
             ("gate_width", self.gate_width is None or (isinstance(self.gate_width, int) and self.gate_width >= 1),
              "an integer >= 1 or null"),
             ("distill_steps", isinstance(self.distill_steps, int) and self.distill_steps >= 0, "an integer >= 0"),
@@ -181,7 +187,7 @@ class ACM:
         for acm in acms.values():
             acm.fixed_k = self.fixed_k
         for acm in acms.values():
-            acm.use_gate = True
+            acm.use_gate, acm.gumbel_tau = True, self.gumbel_tau
         try:
             fits["end_to_end"] = self._end_to_end(
                 model, acms, ctx, cfg.override(steps=self.steps, lr=self.lr)
