@@ -1,4 +1,4 @@
-"""Timing, checking and environment helpers of benchmarks/kernels.py (GPU only).
+"""Timing, checking and environment helpers of benchmarks/gpu_kernels.py (GPU only).
 
 Timing is ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, warm-up) with the
 median and the 20th/80th percentiles; ``_bench_graph`` removes CPU launch overhead with a CUDA

@@ -1,5 +1,5 @@
 """The GPU benchmark's mask builders and baselines, checked on CPU so that it cannot time FlexAttention
-or the per-learner loop on a different problem than our kernels (benchmarks/kernels.py)."""
+or the per-learner loop on a different problem than our kernels (benchmarks/gpu_kernels.py)."""
 
 import importlib.util
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 
 from edgecompress.kernels import block_mask_to_index, block_sparse_attention, reference
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_kernels.py"
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ the shortened reduction). Weights are in ``nn.Linear`` layout: ``w1`` ``[L·h, d
 
 * :func:`masked_dense` — the reference (oracle): every learner computed, hidden units of learners
   not executed zeroed.
-* :func:`bucketed` — the CPU form that skips the work: tokens sorted by decreasing ``k`` (one
-  gather), so the tokens that run learner ``n`` (``k > n``) are a contiguous prefix of the sorted
-  rows; learner ``n``'s GEMM pair runs on that prefix and accumulates into it (``addmm_``), and the
-  result is written back in one scatter. Cost: ``Σ_n #{k > n} · h`` multiply-adds per GEMM, i.e.
+* :func:`bucketed` — the CPU form that skips the work: the tokens with ``k ≥ 1`` sorted by
+  decreasing ``k`` (one gather; tokens with ``k = 0`` are neither gathered nor computed), so the
+  tokens that run learner ``n`` (``k > n``) are a contiguous prefix of the sorted rows; learner
+  ``n``'s GEMM pair runs on that prefix and accumulates into it (``addmm_``), and the result is
+  written back in one scatter. Cost: ``Σ_n #{k > n} · h`` multiply-adds per GEMM, i.e.
   the executed fraction of the dense cost, plus one gather and one scatter of the tokens (skipped,
   with one GEMM pair of width ``k·h``, when every token has the same ``k``). Measured here against
   per-bucket GEMMs with ``W1[:k h]`` (the paper's grouping) and per-learner gathers: equal at 16k
@@ -70,15 +71,15 @@ def bucketed(
     if max(counts, default=0) == t:  # one k for every token (or none): no sort, one GEMM pair
         width = counts.index(t) * h if t else 0
         return _units(x, 0, width, w1, b1, w2, act, (wu, bu), x.new_zeros(t, w2.shape[0]))
-    order = torch.argsort(k, descending=True, stable=True)
-    xs = x.index_select(0, order)  # [T, d], largest k first
-    out = x.new_zeros(t, w2.shape[0])
+    order = torch.argsort(k, descending=True, stable=True)[: running[1]]  # tokens with k >= 1, largest first
+    xs = x.index_select(0, order)
+    out = x.new_zeros(running[1], w2.shape[0])
     for n in range(n_learners):
         rows = running[n + 1]  # tokens that run learner n: a prefix of the sorted order
         if rows == 0:
             break
         _units(xs[:rows], n * h, (n + 1) * h, w1, b1, w2, act, (wu, bu), out[:rows])
-    return torch.empty_like(out).index_copy_(0, order, out)
+    return x.new_zeros(t, w2.shape[0]).index_copy_(0, order, out)  # tokens with k = 0 stay zero
 
 
 def _units(xb, lo, hi, w1, b1, w2, act, up, out):

@@ -1,6 +1,6 @@
 """GPU benchmark of the edgecompress kernels against PyTorch's own implementations.
 
-    python benchmarks/kernels.py [--quick] [--sections attention pooled acm] [--flex-max-autotune]
+    python benchmarks/gpu_kernels.py [--quick] [--sections attention pooled acm] [--flex-max-autotune]
 
 1. block-sparse attention vs SDPA forced to its flash backend (dense) and vs compiled FlexAttention
    given exactly the same kept blocks (BlockMask.from_kv_blocks); bf16, sequence 4k-32k, block 64,
@@ -351,19 +351,19 @@ def _acm_line(r) -> str:
 def main(argv=None) -> int:
     args = _parse(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA GPU available, nothing to measure", file=sys.stderr)
+        print("benchmarks/gpu_kernels.py: no CUDA GPU available, nothing to measure", file=sys.stderr)
         return 2
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("benchmarks/kernels.py: triton is not installed", file=sys.stderr)
+        print("benchmarks/gpu_kernels.py: triton is not installed", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
     from edgecompress.kernels import ops
 
     if ops.INTERPRET:
         print(
-            "benchmarks/kernels.py: TRITON_INTERPRET is set; unset it to time compiled kernels",
+            "benchmarks/gpu_kernels.py: TRITON_INTERPRET is set; unset it to time compiled kernels",
             file=sys.stderr,
         )
         return 2
