@@ -74,6 +74,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# run as a script, benchmarks/ is sys.path[0]: its kernels.py would shadow the `kernels` package
+# that transformers probes for (ImportError on import of any BERT model)
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 from edgecompress.bench.backends import Runner, openvino, ort_runner, ov_runner  # noqa: E402
