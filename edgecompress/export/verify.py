@@ -43,8 +43,13 @@ head: cosine ≈ −1); that verdict also requires the **segment check** (:func:
 every stretch of the graph between two quantizers, fed the same values in both runtimes, agrees
 within :data:`edgecompress.export.compare.DEPART_REL_ERR`, so a wrong form cannot hide behind a
 sensitive model. Measured on MiniLM W8A8 over 44 long scientific paragraphs: strict mean cosine
-0.99819, the model's own 0.99760, every segment within 4.2e-7. Not explained by this: random ViT-S (64 px) AdaLog W4A4, ORT 0.9871 against
-its own 0.9961 — it fails.
+0.99819, the model's own 0.99760, every segment within 4.2e-7. Random ViT-S (64 px) AdaLog W4A4
+(calibration.samples=8) failed (ORT 0.9871 against its own 0.9961, on the AVX2 VM); the segment
+check then found ORT's code-table forms flipping AdaLog codes on identical inputs (``Log`` vs
+``torch.log2`` at a code boundary: segments up to 1.5e-4), which
+:mod:`edgecompress.export.forms.lut` now computes exactly. After that fix, on the Xeon (AMX): every
+segment ≤ 6.2e-7, ORT 0.99734 / 5 outliers / top-1 94.6 % against its own 0.99724 / 6 / 92.9 %
+(before the fix, same machine and model: 0.99539 / 9 / 91.1 %) — it passes, not by a looser rule.
 
 A failed verification raises :class:`~edgecompress.errors.UserError` (exit code 2).
 """
