@@ -27,12 +27,18 @@ LATENCY, ``--threads`` inference threads, reshaped to the static shapes it is fe
 
 * ``ov-fp32`` / ``ov-bf16``: the FP32 ONNX with ``INFERENCE_PRECISION_HINT`` f32 / bf16; the row
   records the precision the compiled model reports (bf16 needs AVX512-BF16 or AMX, else f32);
-* ``ov-ours``: our INT8 file of ``ours`` (the same bytes);
-* ``ov-ours-symw``: ``ours`` with its weight quantizers re-fitted symmetric (zero-point 0, INT8
-  codes; activations unchanged): the Q/DQ form OpenVINO's low-precision transformations accept
-  for a MatMul's weights (see ``OV_INT8_PATTERN``); an experiment, not what ``export`` writes;
-* ``ov-nncf``: ``nncf.quantize`` of the FP32 model (read by OpenVINO) with
-  ``model_type=TRANSFORMER`` and NNCF's defaults otherwise, calibrated on the same batches as ours.
+* ``ov-ours``: our INT8 file of ``ours`` (the same bytes): asymmetric weights, which OpenVINO runs
+  as weight-only decompression (float GEMMs; see ``OV_INT8_PATTERN``);
+* ``ov-ours-ov`` / ``ov-ours-ov-bf16``: ours for OpenVINO — recipe ``uniform_w8a8_openvino``
+  (symmetric per-channel INT8 weights, asymmetric per-tensor activations; the recipe's attention
+  setting) exported as ``export --format openvino`` writes it (INT8 weight codes), with the f32 /
+  bf16 precision hint (bf16: what stays float runs on AMX);
+* ``ov-ours-ov-attn`` / ``-bf16``: the same recipe with ``quantize_attention: true`` and
+  ``symmetric: true`` (q, k, v symmetric, the softmax output unsigned: zero-point 0 on both sides
+  of both attention matmuls, which OpenVINO needs to run them in INT8; Linear inputs symmetric too);
+* ``ov-nncf`` / ``ov-nncf-bf16``: ``nncf.quantize`` of the FP32 model (read by OpenVINO) with
+  ``model_type=TRANSFORMER`` and NNCF's defaults otherwise, calibrated on the same batches as
+  ours, f32 / bf16 hint.
 
 All INT8 variants calibrate on the same data: the first 32 samples of the default calibration
 split (digits train images / built-in train texts), in batches of 8. Fidelity is measured for
@@ -68,6 +74,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# run as a script, benchmarks/ is sys.path[0]: its kernels.py would shadow the `kernels` package
+# that transformers probes for (ImportError on import of any BERT model)
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 from edgecompress.bench.backends import Runner, openvino, ort_runner, ov_runner  # noqa: E402
@@ -77,6 +86,7 @@ from edgecompress.calib import make_context  # noqa: E402
 from edgecompress.data.specs import load_data  # noqa: E402
 from edgecompress.export.inputs import as_tuple, input_names  # noqa: E402
 from edgecompress.export.onnx import export_onnx  # noqa: E402
+from edgecompress.export.openvino import gemm_summary  # noqa: E402
 from edgecompress.export.runtime import optimized_ops, ort_session, u8s8_saturates  # noqa: E402
 from edgecompress.models.loading import LoadedModel, load_model  # noqa: E402
 from edgecompress.pipeline import run  # noqa: E402
@@ -90,10 +100,15 @@ OV_VARIANTS = {
     "ov-fp32": ("fp32", "f32"),
     "ov-bf16": ("fp32", "bf16"),
     "ov-ours": ("ours", "f32"),
-    "ov-ours-symw": ("ours-symw", "f32"),
+    "ov-ours-ov": ("ours-ov", "f32"),
+    "ov-ours-ov-bf16": ("ours-ov", "bf16"),
+    "ov-ours-ov-attn": ("ours-ov-attn", "f32"),
+    "ov-ours-ov-attn-bf16": ("ours-ov-attn", "bf16"),
     "ov-nncf": ("nncf", "f32"),
+    "ov-nncf-bf16": ("nncf", "bf16"),
 }
 VARIANTS = ("fp32", "ours", "ours-linear", "ort-default", "ort-tuned", "ort-dynamic", *OV_VARIANTS)
+OV_RECIPE = "uniform_w8a8_openvino"  # ours for OpenVINO: `compress --recipe` it, `export --format openvino`
 NNCF_SETTINGS = {
     "model_type": "TRANSFORMER",
     "preset": "NNCF default (MIXED for transformers: symmetric weights, asymmetric activations)",
@@ -125,6 +140,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="10 iterations, 16 samples (a smoke run)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--suffix", default="", help="appended to the result file name (e.g. -t1)")
+    p.add_argument("--machine", default=socket.gethostname(), help="machine name in the result file name")
+    p.add_argument("--file", help="result file name (default deploy-<machine>-<date><suffix>.json)")
+    p.add_argument(
+        "--work", type=Path, help="keep the exported files in this folder (default: a temporary one)"
+    )
     args = p.parse_args()
     args.variants = ["fp32"] + [v for v in VARIANTS if v in args.variants and v != "fp32"]
     return args
@@ -145,31 +165,15 @@ def _calibration(loaded: LoadedModel) -> list:
     return load_data(None, loaded, "train", CALIB, BATCH).batches
 
 
-def _ours(loaded: LoadedModel, batches: list, overrides: list[str]) -> LoadedModel:
+def _ours(
+    loaded: LoadedModel, batches: list, overrides: list[str], recipe: str = "uniform_w8a8"
+) -> LoadedModel:
     model = copy.deepcopy(loaded.model)
     ctx = make_context(batches, loaded.call, torch.device("cpu"))
-    model, _ = run(model, load_recipe("uniform_w8a8", overrides).passes, ctx)
+    model, _ = run(model, load_recipe(recipe, overrides).passes, ctx)
     return LoadedModel(
         model.eval(), loaded.spec, loaded.kind, loaded.base, loaded.data_cfg, loaded.tokenizer_dir
     )
-
-
-def _symmetric_weights(ours: LoadedModel) -> tuple[LoadedModel, int]:
-    """``ours`` with every weight quantizer re-fitted symmetric per channel (min/max, zero-point 0 in
-    INT8 codes); activation quantizers untouched. The weight pattern OpenVINO's LPT takes."""
-    from edgecompress.quantize.modules import UniformQuantizer
-    from edgecompress.quantize.uniform import weight_params
-
-    model, n = copy.deepcopy(ours.model), 0
-    for mod in model.modules():
-        chain = getattr(mod, "weight_chain", None)
-        q = chain.find("quantizer") if chain is not None and hasattr(chain, "find") else None
-        if isinstance(q, UniformQuantizer) and q.role == "weight":
-            q.symmetric = True
-            q.set_params(*weight_params(mod.weight.detach(), q.bits, True))
-            n += 1
-    loaded = LoadedModel(model.eval(), ours.spec, ours.kind, ours.base, ours.data_cfg, ours.tokenizer_dir)
-    return loaded, n
 
 
 def _feeds(loaded: LoadedModel, batches: list) -> list[dict[str, np.ndarray]]:
@@ -251,23 +255,29 @@ def export_variants(
 
     t0 = time.perf_counter()
     timed("fp32", lambda: export_onnx(_float_explicit(loaded), work / f"{name}-fp32.onnx", batch=BATCH).path)
-    ours = _ours(loaded, batches, []) if wanted & {"ours", "ours-symw"} else None
     if "ours" in wanted:
         exported = {}
-        timed(
-            "ours",
-            lambda: exported.setdefault("r", export_onnx(ours, work / f"{name}-ours.onnx", batch=BATCH)).path,
-        )
+        timed("ours", lambda: exported.setdefault("r", export_onnx(
+            _ours(loaded, batches, []), work / f"{name}-ours.onnx", batch=BATCH)).path)  # fmt: skip
         notes["ours"] = {"weight_dtype": exported["r"].weight_dtype, "why": exported["r"].weight_dtype_reason}
     if "ours-linear" in wanted:
         timed("ours-linear", lambda: export_onnx(
             _ours(loaded, batches, ["passes.0.quantize_attention=false"]), work / f"{name}-ours-linear.onnx",
             batch=BATCH).path)  # fmt: skip
-    if "ours-symw" in wanted:
-        symw, n = _symmetric_weights(ours)
-        notes["ours-symw"] = {"weights_refitted_symmetric": n, "weight_dtype": "int8"}
-        timed("ours-symw", lambda: export_onnx(
-            symw, work / f"{name}-ours-symw.onnx", batch=BATCH, weight_dtype="int8").path)  # fmt: skip
+    for key, sets in (
+        ("ours-ov", []),
+        ("ours-ov-attn", ["passes.0.quantize_attention=true", "passes.0.symmetric=true"]),
+    ):
+        if key in wanted:
+            notes[key] = {
+                "recipe": OV_RECIPE,
+                "set": sets,
+                "weight_dtype": "int8",
+                "export": "--format openvino",
+            }
+            timed(key, lambda k=key, o=sets: export_onnx(
+                _ours(loaded, batches, o, OV_RECIPE), work / f"{name}-{k}.onnx", batch=BATCH, weight_dtype="int8",
+            ).path)  # fmt: skip
     for variant, tuned in (("ort-default", False), ("ort-tuned", True)):
         if variant in wanted:
             timed(variant, lambda v=variant, tu=tuned: _ort_quantized(
@@ -392,23 +402,12 @@ def repeat_check(path: Path, threads: int, timing: dict) -> dict:
             "cv": [r["cv"] for r in runs], "delta_ms": round(delta, 3), "stable": delta < spread}  # fmt: skip
 
 
-def _is_int8_kernel(key: str) -> bool:
-    """``"FullyConnected i8 jit_gemm_i8"``: INT8 when the kernel (not only the weights) is an integer one."""
-    kernel = key.split()[-1].lower()
-    return any(t in kernel for t in ("i8", "u8", "s8"))
-
-
 def kernels(files: dict[str, Path], runs_on: dict[str, Runner]) -> dict:
     """INT8 vs float GEMMs in the graph each runtime actually runs, per variant."""
     out = {}
     for v, r in runs_on.items():
         if v in OV_VARIANTS:
-            layers = r.info["matmul_precisions"]
-            out[v] = {
-                "int8_gemms": sum(n for k, n in layers.items() if _is_int8_kernel(k)),
-                "float_gemms": sum(n for k, n in layers.items() if not _is_int8_kernel(k)),
-                "layers": layers,
-            }
+            out[v] = gemm_summary(r.info["matmul_precisions"])
         else:
             ops = optimized_ops(_file(v, files), ort_defaults=v in ORT_DEFAULTS)
             out[v] = {
@@ -472,6 +471,9 @@ def main() -> None:
     results, lines = {}, []
     env_before = environment(args.threads)
     with tempfile.TemporaryDirectory(prefix="ec-deploy-") as tmp:
+        if args.work:
+            args.work.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.work)
         for name in args.models:
             loaded, files, seconds, notes = export_variants(name, Path(tmp), args.variants)
             res = {"model": MODELS[name], "threads": args.threads, "prepare_seconds": seconds, "notes": notes}
@@ -496,14 +498,16 @@ def main() -> None:
             lines += [*table(name, res), *note]
             print("\n".join(table(name, res) + note), flush=True)
     meta = {
-        "machine": socket.gethostname(),
+        "machine": args.machine,
+        "hostname": socket.gethostname(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "method": {**timing, "rounds": 2, "batch": BATCH, "seq": SEQ, "calibration_samples": CALIB},
         "environment": {**env_before, "runtimes": _versions()},
         "openvino_int8_pattern": OV_INT8_PATTERN,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"deploy-{meta['machine']}-{datetime.date.today().isoformat()}{args.suffix}.json"
+    name = args.file or f"deploy-{meta['machine']}-{datetime.date.today().isoformat()}{args.suffix}.json"
+    path = args.out / name
     path.write_text(json.dumps({**meta, "results": results, "table": lines}, indent=1, default=str))
     print(f"\nwritten: {path}")
 

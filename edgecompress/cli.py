@@ -114,7 +114,12 @@ def _export_parser(sub) -> None:
     x.add_argument(
         "model", metavar="SPEC_OR_DIR", help="timm:<arch>, hf:<dir>, demo:<name> or a compressed folder"
     )
-    x.add_argument("--format", default="onnx", help="onnx (default) or tensorrt")
+    x.add_argument(
+        "--format",
+        default="onnx",
+        help="onnx (default), tensorrt, or openvino / openvino:bf16 (the ONNX file verified in OpenVINO "
+        "with that precision hint)",
+    )
     x.add_argument(
         "--out",
         help="ONNX file (default: DIR/model.onnx for a folder, else runs/<model>.onnx; options other than the defaults name it, e.g. model-tensorrt-b8.onnx)",
@@ -334,7 +339,7 @@ def cmd_train_demo(args) -> int:
 def _default_export_path(args) -> Path:
     """``DIR/model.onnx`` (``runs/<model>.onnx`` for a spec), named after the options that differ
     from the defaults (``model-tensorrt-b8.onnx``), so each documented export has its own file."""
-    tags = [args.format] if args.format != "onnx" else []
+    tags = [args.format.replace(":", "-")] if args.format != "onnx" else []
     tags += ["dynamic"] if args.dynamic_batch else ([f"b{args.batch}"] if args.batch != 1 else [])
     folder = Path(args.model)
     stem = "model" if folder.is_dir() else _slug(args.model)

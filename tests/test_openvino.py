@@ -5,6 +5,7 @@ graph (cosine ≥ 0.999), and the CPU plugin's own report of the kernels it pick
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -18,9 +19,11 @@ from edgecompress.bench.backends import ort_runner, ov_runner  # noqa: E402
 from edgecompress.bench.env import cpu_info  # noqa: E402
 from edgecompress.bench.run import bench  # noqa: E402
 from edgecompress.cli import main  # noqa: E402
+from edgecompress.export.deploy import export_verified, summary_line  # noqa: E402
 from edgecompress.export.onnx import export_onnx  # noqa: E402
 from edgecompress.export.runtime import ort_session  # noqa: E402
-from edgecompress.models.loading import load_model  # noqa: E402
+from edgecompress.export.verify import verify_onnx  # noqa: E402
+from edgecompress.models.loading import LoadedModel, load_model  # noqa: E402
 from tests.export.models import compressed, tiny_vit_odd  # noqa: E402
 from tests.test_cli import TINY_VIT  # noqa: E402
 
@@ -108,6 +111,46 @@ def test_int8_qdq_graph_is_read_and_computes_the_qdq_function(tmp_path):
     assert not any(k.split()[-1].lower().endswith(("i8", "u8")) for k in gemms), gemms
     gemms = ov_runner(sym.path, 2, 16, 1).info["matmul_precisions"]
     assert any(k.startswith("FullyConnected") and "8" in k.split()[-1] for k in gemms), gemms
+
+
+def test_openvino_format_is_verified_in_openvino_with_its_kernel_report(tmp_path):
+    """``--format openvino``: verified in OpenVINO's CPU plugin against PyTorch (the bounds of
+    export/verify.py); the plugin's own report: with ``uniform_w8a8_openvino`` (symmetric weights)
+    all 9 Linear layers run an INT8 kernel (asymmetric ones: none, the test below); another model
+    fails there."""
+    vit, kw = tiny_vit_odd(), {"batch": 2, "samples": 16}
+    ov = compressed(vit, "uniform_w8a8_openvino")
+    rec = export_verified(ov, tmp_path / "ov.onnx", "openvino", **kw)
+    v = rec["verification"]
+    assert v["passed"] and v["runtime"] == "openvino" and "ort_session" not in v
+    assert v["openvino"]["compiled"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert v["openvino"]["int8_gemms"] == 9 and rec["export"]["weight_dtype"] == "int8"
+    assert "verified in OpenVINO f32: INT8 kernels for 9 of" in summary_line(rec)
+    weights = [m for n, m in ov.model.named_modules() if n.endswith("weight_chain.0")]
+    acts = [m for n, m in ov.model.named_modules() if n.endswith("input_chain.0")]
+    assert len(weights) == 9 and all(bool((q.zero_point == 128).all()) for q in weights)  # INT8 zero-point 0
+    assert any(bool((q.zero_point != 128).any()) for q in acts)  # activations keep their zero-point
+    other = copy.deepcopy(ov.model)
+    with torch.no_grad():
+        other.head.weight.mul_(-1.0)
+    wrong = LoadedModel(other, ov.spec, "image", ov.base, ov.data_cfg)
+    assert not verify_onnx(wrong, tmp_path / "ov.onnx", samples=16, runtime="openvino")["passed"]
+
+
+def test_openvino_format_refuses_uint8_weights(tmp_path, capsys):
+    argv = [
+        "export",
+        "demo:vit-digits",
+        "--format",
+        "openvino",
+        "--weight-dtype",
+        "uint8",
+        "--out",
+        str(tmp_path / "d.onnx"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs INT8 weight codes" in err[0]
 
 
 def test_cli_bench_openvino_reports_shapes_fed(files, tmp_path, capsys):

@@ -7,7 +7,7 @@
   compiled for its CPU plugin with ``PERFORMANCE_HINT=LATENCY``, ``INFERENCE_NUM_THREADS`` and an
   ``INFERENCE_PRECISION_HINT`` (``f32``, or ``bf16``, which the plugin only honours on CPUs with
   AVX512-BF16 or AMX); the precision the compiled model reports is recorded, with the precision
-  its matrix multiplications really run in (:func:`ov_matmul_precisions`);
+  its matrix multiplications really run in (:func:`edgecompress.export.openvino.ov_matmul_precisions`);
 * ``tensorrt``: a serialized engine run with ``execute_async_v3`` on torch-allocated CUDA buffers.
   UNVERIFIED: TensorRT was not available where this was written.
 
@@ -26,11 +26,10 @@ import torch
 
 from edgecompress.errors import UserError
 from edgecompress.export.inputs import as_batch, synthetic
+from edgecompress.export.openvino import OV_PRECISIONS, openvino  # noqa: F401  (re-exported)
 from edgecompress.models.loading import LoadedModel
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
-OV_PRECISIONS = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values the openvino backend takes
-OV_MATMULS = ("FullyConnected", "MatMul", "Convolution")  # CPU-plugin layers that do the GEMMs
 SYNTH_ID_RANGE = (100, 1000)
 
 
@@ -148,80 +147,20 @@ def ort_runner(
     return Runner(lambda: sess.run(None, feeds), info, output=output, feeds=feeds, shapes=shapes)
 
 
-def openvino():
-    """Import openvino or say in one line how to get it (never imported with the package)."""
-    try:
-        import openvino as ov
-    except ImportError:
-        raise UserError("openvino is not installed: pip install 'edgecompress[openvino]'") from None
-    return ov
-
-
-@dataclass
-class _OVInput:
-    """An OpenVINO model input in the form :func:`feeds_for` reads (ORT's ``NodeArg``)."""
-
-    name: str
-    type: str
-    shape: list
-
-
-class _OVInputs:
-    def __init__(self, model):
-        self.inputs = [
-            _OVInput(
-                i.get_any_name(),
-                "tensor(int64)" if i.get_element_type().is_integral() else "tensor(float)",
-                [d.get_length() if d.is_static else None for d in i.get_partial_shape()],
-            )
-            for i in model.inputs
-        ]
-
-    def get_inputs(self) -> list[_OVInput]:
-        return self.inputs
-
-
-def ov_matmul_precisions(compiled) -> dict[str, int]:
-    """``{"FullyConnected u8 brgemm_avx2_f32": 36, ...}``: how many of the compiled model's GEMM layers
-    run in which input precision (``runtimePrecision``) and with which kernel (``primitiveType``).
-
-    An INT8 layer reads ``u8``/``i8`` *and* has an integer kernel (``…_I8`` / ``…_u8s8``); a kernel
-    named ``…_f32`` with ``i8``/``u8`` precision is weight-only decompression (float GEMM on
-    weights unpacked on the fly). The kernel names are final only after a first inference.
-    """
-    counts: dict[str, int] = {}
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        rt = op.get_rt_info()
-        kind = rt["layerType"].astype(str)
-        if kind in OV_MATMULS:
-            key = f"{kind} {rt['runtimePrecision'].astype(str)} {rt['primitiveType'].astype(str)}"
-            counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def ov_runner(path: str | Path, batch: int, seq: int, threads: int | None, precision: str = "f32") -> Runner:
-    """An ONNX file (or an OpenVINO IR ``.xml``) in OpenVINO's CPU plugin, reshaped to the fed shapes
-    where the graph's are dynamic."""
-    if precision not in OV_PRECISIONS:
-        raise UserError(f"openvino precision {precision!r}: choose one of {', '.join(OV_PRECISIONS)}")
-    ov = openvino()
-    core = ov.Core()
-    try:
-        model = core.read_model(str(path))
-    except RuntimeError as e:
-        raise UserError(f"OpenVINO cannot read {path}: {str(e).strip().splitlines()[-1][:300]}") from None
+    """An ONNX file (or an OpenVINO IR ``.xml``) in OpenVINO's CPU plugin (:mod:`edgecompress.export.openvino`),
+    reshaped to the fed shapes where the graph's are dynamic."""
+    from edgecompress.export import openvino as ovx
+
+    ovx.check_precision(precision, f"openvino precision {precision!r}")
+    ov = ovx.openvino()
+    model = ovx.read_model(path)
     vocab = vocab_size(path) if Path(path).suffix == ".onnx" else None
-    feeds = feeds_for(_OVInputs(model), batch, seq, vocab=vocab)
+    feeds = feeds_for(_OVInputs(ovx.ov_inputs(model)), batch, seq, vocab=vocab)
     reshaped = not all(i.get_partial_shape().is_static for i in model.inputs)
     if reshaped:  # static shapes compile to the faster kernels, and fix what the run is timed on
         model.reshape({name: ov.PartialShape(list(v.shape)) for name, v in feeds.items()})
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    try:
-        compiled = core.compile_model(model, "CPU", config)
-    except RuntimeError as e:
-        raise UserError(f"OpenVINO cannot compile {path}: {str(e).strip().splitlines()[-1][:300]}") from None
+    compiled, config = ovx.compile_model(model, path, precision, threads)
     request = compiled.create_infer_request()
     for name, value in feeds.items():
         request.set_tensor(name, ov.Tensor(value))  # inputs in place: a timed call is one inference
@@ -230,21 +169,23 @@ def ov_runner(path: str | Path, batch: int, seq: int, threads: int | None, preci
     info = {
         "backend": "openvino",
         "onnx": str(path),
-        "openvino": ov.get_version(),
-        "config": config,
-        "compiled": {
-            "INFERENCE_PRECISION_HINT": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
-            "PERFORMANCE_HINT": str(compiled.get_property("PERFORMANCE_HINT")),
-            "INFERENCE_NUM_THREADS": int(compiled.get_property("INFERENCE_NUM_THREADS")),
-            "NUM_STREAMS": int(compiled.get_property("NUM_STREAMS")),
-            "ENABLE_CPU_PINNING": bool(compiled.get_property("ENABLE_CPU_PINNING")),
-        },
+        **ovx.compiled_info(compiled, config),
         "reshaped_to_fed_shapes": reshaped,
-        "matmul_precisions": ov_matmul_precisions(compiled),
+        "matmul_precisions": ovx.ov_matmul_precisions(compiled),
     }
     output = lambda: np.array(request.infer()[out])  # noqa: E731
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     return Runner(request.infer, info, output=output, feeds=feeds, shapes=shapes)
+
+
+class _OVInputs:
+    """OpenVINO inputs behind ORT's ``get_inputs()``, for :func:`feeds_for`."""
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+    def get_inputs(self):
+        return self.inputs
 
 
 _TRT_DTYPES = {

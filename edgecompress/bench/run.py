@@ -30,6 +30,7 @@ from edgecompress.bench.backends import (
 from edgecompress.bench.env import environment
 from edgecompress.bench.timing import time_alternating, unstable
 from edgecompress.errors import UserError
+from edgecompress.export.openvino import split_runtime as split_backend
 
 SANITY_COSINE = 0.999
 # A quantized graph on synthetic inputs: code flips cascade under the runtimes' different float
@@ -56,14 +57,6 @@ def _sanity(loaded, runner: Runner, sess_inputs: list[str]) -> float:
             f"disagrees with PyTorch (cosine {cos:.5f})"
         )
     return cos
-
-
-def split_backend(backend: str) -> tuple[str, str | None]:
-    """``"openvino:bf16"`` → ``("openvino", "bf16")``; ``"openvino"`` → ``("openvino", "f32")``; others as is."""
-    name, _, precision = backend.partition(":")
-    if name != "openvino":
-        return backend, None
-    return name, precision or "f32"
 
 
 def _from_file(path: Path, backend: str, batch: int, seq: int, threads: int | None, work: Path) -> Runner:

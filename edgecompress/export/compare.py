@@ -1,10 +1,11 @@
 """Layer-by-layer comparison of an exported ONNX graph against the PyTorch model it came from.
 
-``edgecompress export --debug-compare`` and the tests call :func:`compare_layers`: every
-``QuantizeLinear`` of the graph that the exporter tagged with a module scope (the dynamo exporter's
-``pkg.torch.onnx.name_scopes``) is matched to that quantizer module of the PyTorch model; the
-tensor *entering* it is captured on both sides for the same inputs (a forward pre-hook in PyTorch,
-the node's input made a graph output in ONNX Runtime) and compared:
+``edgecompress export --debug-compare`` and the tests call :func:`compare_layers`: every activation
+quantizer of the PyTorch model — Q/DQ pairs (with the ``Clip`` below 8 bits) and code-table forms
+(log2, AdaLog, TanQ) alike — is found in the graph through the module scopes the exporter tagged
+its nodes with (the dynamo exporter's ``pkg.torch.onnx.name_scopes``, :func:`quantizer_inputs`);
+the tensor *entering* it is captured on both sides for the same inputs (a forward pre-hook in
+PyTorch, that tensor made a graph output in ONNX Runtime) and compared:
 
 * ``rel_err`` — ``‖ort − torch‖ / ‖torch‖`` of the float input, each runtime on its own values end
   to end (what users see: a float-rounding difference flips a code, the one-step error compounds
@@ -37,27 +38,37 @@ DEPART_REL_ERR = 1e-3
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 
-def quantize_nodes(model_proto) -> list[tuple[str, str]]:
-    """``(module path, input tensor name)`` of each scoped ``QuantizeLinear``, in graph order (the
-    copies :func:`~edgecompress.export.graph.dedicate_qdq` made carry no scope and are skipped)."""
+def _module_path(node) -> str | None:
+    """The innermost ``model.…`` module scope the dynamo exporter tagged ``node`` with (without ``model.``)."""
+    scopes = next((p.value for p in node.metadata_props if p.key == SCOPE_KEY), None)
+    if not scopes:
+        return None
+    try:  # module scopes, outermost first, then the op's own name
+        paths = [s for s in ast.literal_eval(scopes) if s.startswith("model.")]
+    except (ValueError, SyntaxError):
+        return None
+    return paths[-1][len("model.") :] if paths else None
+
+
+def quantizer_inputs(model_proto, is_quantizer) -> list[tuple[str, str]]:
+    """``(module path, tensor name)`` of the tensor *entering* each quantizer's subgraph, in graph
+    order: the data input of the first node scoped to a module for which ``is_quantizer(path)``.
+
+    That is the ``QuantizeLinear`` input for an 8-bit uniform quantizer, the ``Clip`` before it
+    below 8 bits (so both sides compare the unclipped value), and the first op of a code table
+    (log / AdaLog / TanQ forms, :mod:`edgecompress.export.forms.lut`), so every quantizer, not only
+    the Q/DQ ones, bounds a segment. Copies made by :func:`~edgecompress.export.graph.dedicate_qdq`
+    carry no scope and are skipped."""
+    consts = {i.name for i in model_proto.graph.initializer}
+    consts |= {o for n in model_proto.graph.node if n.op_type == "Constant" for o in n.output}
     out, seen = [], set()
     for node in model_proto.graph.node:
-        if node.op_type != "QuantizeLinear":
+        path = _module_path(node)
+        if path is None or path in seen or not node.input or node.input[0] in consts:
             continue
-        scopes = next((p.value for p in node.metadata_props if p.key == SCOPE_KEY), None)
-        if not scopes:
-            continue
-        try:  # module scopes, outermost first, then the op's own name
-            paths = [s for s in ast.literal_eval(scopes) if s.startswith("model.")]
-        except (ValueError, SyntaxError):
-            continue
-        if not paths:
-            continue
-        path = paths[-1][len("model.") :]
-        key = (path, node.input[0])
-        if key not in seen:
-            seen.add(key)
-            out.append(key)
+        if is_quantizer(path):
+            seen.add(path)
+            out.append((path, node.input[0]))
     return out
 
 
@@ -75,10 +86,19 @@ def _with_outputs(model_proto, names: list[str], path: Path) -> None:
     onnx.save(m, str(path))
 
 
-def _codes(x: torch.Tensor, q) -> torch.Tensor:
+def _flips(a: torch.Tensor, b: torch.Tensor, q) -> float | None:
+    """Fraction of elements whose code under quantizer ``q`` differs between ``a`` and ``b``."""
+    from edgecompress.export.forms import export_module
+    from edgecompress.export.forms.lut import LUTQuantizer
     from edgecompress.quantize.uniform import quantize_uniform
 
-    return quantize_uniform(x, q.scale.to(x.dtype), q.zero_point.to(x.dtype), q.bits)
+    if hasattr(q, "zero_point") and hasattr(q, "bits") and q.scale.numel() == 1:
+        s, z = q.scale.to(a.dtype), q.zero_point.to(a.dtype)
+        return float((quantize_uniform(a, s, z, q.bits) != quantize_uniform(b, s, z, q.bits)).float().mean())
+    form = export_module(q)
+    if isinstance(form, LUTQuantizer):
+        return float((form.codes(a) != form.codes(b)).float().mean())
+    return None  # per-channel / per-head scales: the flat rows lost the axis
 
 
 def _ort_run(proto, nodes, batches, threads) -> dict[str, list[np.ndarray]]:
@@ -159,7 +179,7 @@ def compare_layers(loaded: LoadedModel, onnx_path: str | Path, batches, threads:
 
     proto = onnx.load(str(onnx_path))
     modules = dict(loaded.model.named_modules())
-    nodes = [(p, t) for p, t in quantize_nodes(proto) if p in modules]
+    nodes = quantizer_inputs(proto, lambda p: getattr(modules.get(p), "SLOT_KIND", None) == "quantizer")
     ort = _ort_run(proto, nodes, batches, threads)
     free = _torch_run(loaded, modules, nodes, batches, None)
     forced = _torch_run(loaded, modules, nodes, batches, ort)
@@ -172,8 +192,7 @@ def compare_layers(loaded: LoadedModel, onnx_path: str | Path, batches, threads:
         f = torch.cat([x.reshape(-1) for x in forced[p]])
         if a.numel() != b.numel():
             continue
-        q = modules[p]
-        flips = float((_codes(a, q) != _codes(b, q)).float().mean()) if hasattr(q, "zero_point") else None
+        flips = _flips(a, b, modules[p])
         rows.append({
             "module": p, "onnx_tensor": t, "rel_err": _rel(a, b), "segment_rel_err": _rel(f, b),
             "max_abs": float((b - a).abs().max()), "code_flips": flips,

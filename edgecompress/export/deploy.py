@@ -14,7 +14,7 @@ from edgecompress.export.tensorrt import build_engine, check_tensorrt_ready, req
 from edgecompress.export.verify import DEFAULT_SAMPLES, check_verification, verify_onnx, write_verification
 from edgecompress.models.loading import LoadedModel
 
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "tensorrt", "openvino", "openvino:bf16")
 MAX_ISSUES = 50  # TensorRT-readiness issues kept in the JSON (the count is always there)
 
 
@@ -57,6 +57,9 @@ def export_verified(
 
     ``fmt="tensorrt"`` exports the zero-point-0 form, checks TensorRT readiness and then builds an
     engine next to the ONNX file (unverified: see :mod:`edgecompress.export.tensorrt`).
+    ``fmt="openvino"`` / ``"openvino:bf16"`` exports the ONNX Runtime form with INT8 weight codes
+    (OpenVINO's INT8 path needs them) and verifies it in OpenVINO's CPU plugin with that precision
+    hint, same bounds; the JSON records the kernels the plugin picked (:mod:`edgecompress.export.openvino`).
     ``debug_compare``: also compare every quantizer's input in both runtimes (:func:`layer_compare`),
     print the table and keep ``<name>.compare.json`` — passed or failed. The files
     are written into a temporary sibling folder and moved into place only after verification, so an
@@ -72,6 +75,7 @@ def export_verified(
         raise UserError(f"--out {out}: the ONNX file name must end in .onnx")
     if fmt == "tensorrt":
         require_tensorrt()  # fail in one line before spending minutes on the export
+    weight_dtype = _openvino_weights(fmt, weight_dtype)
     import onnx
 
     final = onnx_path
@@ -83,13 +87,20 @@ def export_verified(
         result = export_onnx(
             loaded, onnx_path, opset, dynamic_batch, batch, target, weight_dtype=weight_dtype
         )
+        if fmt.startswith("openvino"):
+            result.weight_dtype_reason = "OpenVINO's INT8 path takes INT8 weights (zero-point 0)"
         record = {"model": loaded.spec, "format": fmt, "export": result.to_dict()}
         record["tensorrt"] = tensorrt_record(onnx.load(str(onnx_path)), fmt)
         record["onnxruntime"] = optimized_ops(onnx_path)
         # a TensorRT file keeps INT8 weights; where ORT's u8×s8 kernels saturate, check its function in float
         integer = not (fmt == "tensorrt" and result.weight_dtype == "int8" and u8s8_saturates())
-        record["verification"] = verify_onnx(loaded, onnx_path, samples, data, batch, integer_kernels=integer)
-        record["verification"]["data_source"] = data_source or ("--data" if data else "the model's default data")
+        runtime = fmt if fmt.startswith("openvino") else "onnxruntime"
+        record["verification"] = verify_onnx(
+            loaded, onnx_path, samples, data, batch, integer_kernels=integer, runtime=runtime
+        )
+        record["verification"]["data_source"] = data_source or (
+            "--data" if data else "the model's default data"
+        )
         if fmt == "tensorrt" and record["verification"]["passed"]:
             record["engine"] = build_engine(onnx_path, onnx_path.with_suffix(".engine"), batch=batch)
         if debug_compare:
@@ -112,7 +123,23 @@ def export_verified(
     return record
 
 
-def layer_compare(loaded: LoadedModel, onnx_path: Path, batch: int, data: str | None, samples: int = 16) -> dict:
+def _openvino_weights(fmt: str, weight_dtype: str) -> str:
+    """The weight codes of an ``openvino`` export: INT8 (its LPT takes no UINT8 weights)."""
+    if not fmt.startswith("openvino"):
+        return weight_dtype
+    from edgecompress.export.openvino import openvino
+
+    openvino()  # fail in one line before the export when it is missing
+    if weight_dtype == "uint8":
+        raise UserError(
+            "--format openvino needs INT8 weight codes (OpenVINO's INT8 path takes no UINT8 weights)"
+        )
+    return "int8"
+
+
+def layer_compare(
+    loaded: LoadedModel, onnx_path: Path, batch: int, data: str | None, samples: int = 16
+) -> dict:
     """:func:`edgecompress.export.compare.compare_layers` on ``samples`` of the verification data:
     the result, its table and a one-line verdict."""
     from edgecompress.export.compare import compare_layers, format_table
@@ -134,7 +161,7 @@ def tensorrt_record(model, fmt: str = "onnx") -> dict:
     the onnxruntime form also whether ``--format tensorrt`` (activation offsets rewritten) would be."""
     problems = check_tensorrt_ready(model)
     out = {"ready": not problems, "issue_count": len(problems), "issues": problems[:MAX_ISSUES]}
-    if fmt == "onnx" and problems:
+    if fmt != "tensorrt" and problems:
         out["ready_with_format_tensorrt"] = not check_tensorrt_ready(model, offsets_rewritten=True)
     return out
 
@@ -143,6 +170,12 @@ def summary_line(record: dict) -> str:
     """One console line: file, exporter, Q/DQ, integer kernels, verification metrics."""
     ex, v = record["export"], record["verification"]["metrics"]
     ints = sum(record["onnxruntime"]["integer_kernels"].values())
+    kernels = f"ORT integer kernels {ints}/{ex['qdq']['matmuls']} matmuls"
+    if ov := record["verification"].get("openvino"):
+        kernels = (
+            f"verified in OpenVINO {ov['compiled']['INFERENCE_PRECISION_HINT']}: INT8 kernels for "
+            f"{ov['int8_gemms']} of {ov['int8_gemms'] + ov['float_gemms']} GEMM layers"
+        )
     fid = f"top-1 agreement {v['top1_agreement']}%, " if "top1_agreement" in v else ""
     t = record["tensorrt"]
     if t["ready"]:
@@ -163,8 +196,8 @@ def summary_line(record: dict) -> str:
         )
     return (
         f"{ex['path']}: {ex['exporter']} exporter, opset {ex['opset']}, {ex['qdq']['QuantizeLinear']} Q / "
-        f"{ex['qdq']['DequantizeLinear']} DQ, {ex['qdq']['integer_weight_initializers']} {ex['weight_dtype'].upper()} weights; ORT integer "
-        f"kernels {ints}/{ex['qdq']['matmuls']} matmuls; verified on {v['samples']} samples: {fid}cosine min "
+        f"{ex['qdq']['DequantizeLinear']} DQ, {ex['qdq']['integer_weight_initializers']} {ex['weight_dtype'].upper()} weights; "
+        f"{kernels}; verified on {v['samples']} samples: {fid}cosine min "
         f"{v['cosine_min']}, mean {v['cosine_mean']}, max-abs err {v['max_abs_error']:.3g}{how}; TensorRT-ready: {trt}"
     )
 

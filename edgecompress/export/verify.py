@@ -1,4 +1,5 @@
-"""Verification after every export: ONNX Runtime vs the PyTorch model on the same inputs.
+"""Verification after every export: ONNX Runtime (or OpenVINO, for ``--format openvino``: the file
+run by the runtime it is meant for) vs the PyTorch model on the same inputs, same bounds.
 
 The oracle is the model that was exported (float, or fake-quantized) run eagerly in PyTorch on the
 model's evaluation data (digits / the built-in text; seeded synthetic inputs when the model has no
@@ -42,8 +43,13 @@ head: cosine ≈ −1); that verdict also requires the **segment check** (:func:
 every stretch of the graph between two quantizers, fed the same values in both runtimes, agrees
 within :data:`edgecompress.export.compare.DEPART_REL_ERR`, so a wrong form cannot hide behind a
 sensitive model. Measured on MiniLM W8A8 over 44 long scientific paragraphs: strict mean cosine
-0.99819, the model's own 0.99760, every segment within 4.2e-7. Not explained by this: random ViT-S (64 px) AdaLog W4A4, ORT 0.9871 against
-its own 0.9961 — it fails.
+0.99819, the model's own 0.99760, every segment within 4.2e-7. Random ViT-S (64 px) AdaLog W4A4
+(calibration.samples=8) failed (ORT 0.9871 against its own 0.9961, on the AVX2 VM); the segment
+check then found ORT's code-table forms flipping AdaLog codes on identical inputs (``Log`` vs
+``torch.log2`` at a code boundary: segments up to 1.5e-4), which
+:mod:`edgecompress.export.forms.lut` now computes exactly. After that fix, on the Xeon (AMX): every
+segment ≤ 6.2e-7, ORT 0.99734 / 5 outliers / top-1 94.6 % against its own 0.99724 / 6 / 92.9 %
+(before the fix, same machine and model: 0.99539 / 9 / 91.1 %) — it passes, not by a looser rule.
 
 A failed verification raises :class:`~edgecompress.errors.UserError` (exit code 2).
 """
@@ -191,7 +197,9 @@ def sensitivity(loaded: LoadedModel, batches, rows, seed: int = 0) -> dict:
     return _summary(parts, rows)
 
 
-def segment_check(loaded: LoadedModel, path, batches, rows, threads=None, max_samples: int = SEGMENT_SAMPLES) -> dict:
+def segment_check(
+    loaded: LoadedModel, path, batches, rows, threads=None, max_samples: int = SEGMENT_SAMPLES
+) -> dict:
     """Segment-by-segment comparison (:func:`edgecompress.export.compare.compare_layers`) on the
     first ``max_samples`` samples: each stretch between two quantizers, fed the same values in
     both runtimes, must agree to float rounding — what the end-to-end cosine cannot show for a
@@ -251,6 +259,17 @@ def _run_all(loaded: LoadedModel, sess, batches, rows) -> list[dict]:
     return parts
 
 
+def _session(path, threads, integer_kernels: bool, runtime: str):
+    from edgecompress.export.openvino import OVSession, split_runtime
+
+    name, precision = split_runtime(runtime)
+    if name == "openvino":
+        return OVSession(path, precision, threads)
+    if name != "onnxruntime":
+        raise UserError(f"runtime {runtime!r}: choose onnxruntime, openvino or openvino:bf16")
+    return ort_session(path, threads, integer_kernels=integer_kernels)
+
+
 def verify_onnx(
     loaded: LoadedModel,
     path: str | Path,
@@ -259,12 +278,15 @@ def verify_onnx(
     batch: int = 8,
     threads: int | None = None,
     integer_kernels: bool = True,
+    runtime: str = "onnxruntime",
 ) -> dict:
-    """Run ``path`` in ONNX Runtime and ``loaded.model`` in PyTorch on the same inputs; never raises
-    on a mismatch (see :func:`check_verification`), returns the metrics and the verdict.
+    """Run ``path`` in ONNX Runtime (or ``runtime`` ``openvino[:bf16]``: OpenVINO's CPU plugin with
+    that precision hint, :class:`~edgecompress.export.openvino.OVSession`) and ``loaded.model`` in
+    PyTorch on the same inputs, with the same bounds; never raises on a mismatch (see
+    :func:`check_verification`), returns the metrics and the verdict.
     ``integer_kernels=False``: ORT computes the graph's Q/DQ in float (see ``ort_session``)."""
     t0 = time.perf_counter()
-    sess = ort_session(path, threads, integer_kernels=integer_kernels)
+    sess = _session(path, threads, integer_kernels, runtime)
     b, dynamic = _static_batch(sess, batch)
     batches, rows = sample_batches(loaded, samples, b, data)
     parts = _run_all(loaded, sess, batches, rows)
@@ -293,7 +315,9 @@ def verify_onnx(
     return {
         "onnx": str(path),
         "reference": "PyTorch eager (the exported model, fake-quantized if compressed)",
-        "data": "synthetic" if loaded.kind != "image" and not loaded.tokenizer_dir else (data or default_data(loaded)),
+        "data": "synthetic"
+        if loaded.kind != "image" and not loaded.tokenizer_dir
+        else (data or default_data(loaded)),
         "batch": "dynamic" if dynamic else b,
         "quantized_graph": quantized,
         "thresholds": {
@@ -309,9 +333,15 @@ def verify_onnx(
         **extra,
         "passed": not fails,
         "failures": fails,
-        "ort_session": session_config(path, threads, integer_kernels=integer_kernels),
+        **_runtime_record(sess, path, threads, integer_kernels, runtime),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _runtime_record(sess, path, threads, integer_kernels: bool, runtime: str) -> dict:
+    if runtime.startswith("openvino"):
+        return {"runtime": runtime, "openvino": sess.report()}
+    return {"runtime": runtime, "ort_session": session_config(path, threads, integer_kernels=integer_kernels)}
 
 
 def write_verification(result: dict, json_path: str | Path) -> Path:

@@ -1,6 +1,9 @@
 """``uniform_ptq``: the baseline uniform post-training quantization every method is compared with.
 
-Weights: asymmetric (or symmetric) uniform, per output channel, min/max. Activations: per tensor
+Weights: asymmetric (or symmetric) uniform, per output channel, min/max; ``symmetric`` makes weights
+and activations symmetric (zero-point 0 after export, TensorRT's form), ``symmetric_weights`` only
+the weights (OpenVINO's INT8 form: symmetric weights, activations with their zero-point; see
+:mod:`edgecompress.export.openvino`). Activations: per tensor
 at the inputs of every targeted Linear and of both attention matmuls (q, k, softmax output, v),
 with ``observer`` = ``minmax``, ``percentile`` (clip to the ``percentile``/100 and
 (100 − ``percentile``)/100 quantiles) or ``mse`` (clip ratio minimizing the quantization MSE of the
@@ -132,6 +135,7 @@ class UniformPTQ:
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = 99.99
     symmetric: bool = False
+    symmetric_weights: bool = False
     quantize_attention: bool = True
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ()
@@ -151,8 +155,9 @@ class UniformPTQ:
         for name in linears:
             layer: SlotLinear = model.get_submodule(name)
             w = layer.effective_weight()  # after any earlier mask: zeros stay exactly zero
-            wq = UniformQuantizer(self.w_bits, self.symmetric, "channel", "weight")
-            wq.set_params(*weight_params(w, self.w_bits, self.symmetric))
+            sym = self.symmetric or self.symmetric_weights
+            wq = UniformQuantizer(self.w_bits, sym, "channel", "weight")
+            wq.set_params(*weight_params(w, self.w_bits, sym))
             wq.stats = {"sqnr_db": round(sqnr_db(w, wq(w)), 2)}
             add_to_chain(model, f"{name}.weight_chain", wq)
         quantize_embeddings(model, ctx, self.embedding_bits, self.embedding_targets, self.ignore)

@@ -112,6 +112,31 @@ def test_lut_forms_reproduce_non_uniform_quantizers(mod):
     torch.testing.assert_close(form(x), mod(x), rtol=0, atol=1e-6)  # atol: the STE's x + (x̂ − x) rounding
 
 
+@pytest.mark.parametrize("mod", list(_log_modules()), ids=lambda m: f"{type(m).__name__}-{m.bits}")
+def test_lut_codes_are_exact_at_every_boundary_even_from_an_estimate_one_off(mod):
+    """Oracle: the quantizer's own code function, on every boundary float, the floats next to it and
+    random inputs; the graph's first estimate (ORT's ``Log`` may differ by an ulp) pushed one code
+    off at random must still end on exactly PyTorch's code."""
+    form = export_module(mod)
+    b = form.bounds[1:-1]
+    assert b.numel() == form.table.numel() - 1 and torch.isfinite(b).all()
+    x = torch.cat(
+        [
+            b,
+            torch.nextafter(b, b - 1),
+            torch.nextafter(b, b + 1),
+            torch.randn(4000),
+            torch.tensor([0.0, -1.0]),
+        ]
+    )
+    exact = form._codes(x + form.shift).long()
+    assert torch.equal(form.codes(x), exact)
+    true_codes = form._codes
+    off = torch.randint(-1, 2, x.shape, generator=torch.Generator().manual_seed(0))
+    form._codes = lambda u: (true_codes(u).long() + off).clamp(0, form.table.numel() - 1)
+    assert torch.equal(form.codes(x), exact)
+
+
 def test_to_export_form_copies_and_counts():
     model = nn.Sequential(SlotLinear.adopt(nn.Linear(8, 8)))
     model[0].input_chain.append(_quantizer(8, False))

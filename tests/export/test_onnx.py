@@ -77,6 +77,37 @@ def test_non_uniform_quantizers_export_as_table_lookups(recipe, vit, exported):
     assert v["passed"], v["failures"]
 
 
+def test_compare_bounds_a_segment_at_every_quantizer_code_tables_included(vit, exported, tmp_path):
+    """Oracle: the PyTorch model, segment by segment (float rounding ≤ 1e-5); then the AdaLog table
+    of one fc2 input scaled by 1.3 in the file: the departure is the next quantizer, upstream agrees."""
+    import onnx
+
+    from edgecompress.export.compare import compare_layers
+    from edgecompress.export.inputs import sample_batches
+
+    loaded = compressed(vit, "adalog_w4a4", ("passes.0.search_rounds=1", "passes.0.max_tokens=256"))
+    res, model = exported(
+        "adalog_w4a4", loaded
+    )  # the file of test_non_uniform_quantizers_export_as_table_lookups
+    batches, _ = sample_batches(loaded, 8, 2)
+    clean = compare_layers(loaded, res.path, batches)
+    rows = {r["module"]: r for r in clean["layers"]}
+    lut = "blocks.0.mlp.fc2.input_chain.0"  # AdaLog post-GELU: a code table, no QuantizeLinear
+    assert {lut, "blocks.0.attn.ec_attn.probs.0", "blocks.0.attn.qkv.input_chain.0"} <= set(rows)
+    assert clean["first_departure"] is None
+    assert (
+        max(r["segment_rel_err"] for r in clean["layers"]) < 1e-5
+    )  # 4-bit Clip compared before it, on both sides
+    tampered = onnx.ModelProto()
+    tampered.CopyFrom(model)
+    init = next(i for i in tampered.graph.initializer if i.name == f"model.{lut}.scale")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.3), init.name))
+    onnx.save(tampered, str(tmp_path / "bad.onnx"))
+    bad = compare_layers(loaded, tmp_path / "bad.onnx", batches)
+    assert bad["first_departure"]["module"] == "blocks.1.attn.qkv.input_chain.0"
+    assert {r["module"]: r for r in bad["layers"]}[lut]["segment_rel_err"] < 1e-5  # its own input agrees
+
+
 def test_onnxruntime_runs_every_matmul_in_int8(vit_w8a8, exported):
     res, _ = exported("vit_w8a8", vit_w8a8)
     ops = optimized_ops(res.path)
