@@ -41,8 +41,8 @@ Choices where RD-prune is silent or differs (it prunes single weights and fine-t
   weights; its FLOPs option is dead code) and costs are quantised to 4096 steps of the total,
   rounded up (RD-prune's table over single weights would take ~6 GB for DeiT-S); the DP is exact
   for the quantised costs and the result always meets the real budget.
-* The distortion is the mean squared error of the model output (text padding excluded) against the
-  unpruned model, mean over samples (RD-prune's README uses the worst sample's MSE; with a few dozen
+* The distortion is the mean squared error of the model output (text padding excluded; for encoders
+  the normalised mean-pooled embedding) against the unpruned model, mean over samples (RD-prune's README uses the worst sample's MSE; with a few dozen
   calibration samples a maximum is noisy); with a recovery, each point is measured with that
   group's projection recovered as it will be (with the dense inputs), so the curves describe what
   is deployed. Curves are measured against the unpruned model once (RD-prune re-measures against the

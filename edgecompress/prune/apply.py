@@ -26,7 +26,7 @@ from edgecompress.train import default_loss, fit
 
 @torch.no_grad()
 def joint_error(model: nn.Module, groups, keeps, stats, ref, recovery: str, ridge: float) -> float:
-    """The model-output error with every group pruned at once (patched, as in the curves)."""
+    """The model-output error with every group pruned at once (``model`` unpruned, patched as in the curves)."""
     with contextlib.ExitStack() as stack:
         for g in groups:
             if len(keeps[g.name]) < g.units:
@@ -34,7 +34,7 @@ def joint_error(model: nn.Module, groups, keeps, stats, ref, recovery: str, ridg
                 cols = unit_columns(g, keeps[g.name])
                 w, b = projection(layer.weight, layer.bias, stats[g.name].gram, cols, recovery, ridge)
                 stack.enter_context(patched(layer, w, b))
-        return ref.error()
+        return ref.error(model=model)
 
 
 @torch.no_grad()
@@ -66,11 +66,11 @@ def apply_plan(model, groups, keeps, stats, batches, ctx, ref, p, curves) -> dic
     partial = [g for g in pruned if keeps[g.name]]
     targets = dense_targets(model, partial, batches, ctx.call) if p.recovery == "lstsq" and partial else None
     _shrink_all(model, groups, keeps, stats, p.recovery, p.ridge)
-    rec: dict = {"output_error": ref.error()}  # model-output MSE on the calibration data
+    rec: dict = {"output_error": ref.error(model=model)}  # model-output MSE on the calibration data
     if targets is not None:
         rec["output_error_before_lstsq"] = rec["output_error"]
         rec["layers"] = reconstruct(model, partial, batches, ctx.call, targets, p.ridge)
-        rec["output_error"] = ref.error()
+        rec["output_error"] = ref.error(model=model)
     info["recovery"] = rec
     return info
 

@@ -32,6 +32,18 @@ AFTER_SPARSITY = "pruning would drop the N:M masks' layout: prune first, then le
 AFTER_DYNAMIC = "the MLPs are ACMs now and have no channels to prune: prune first"
 
 
+@dataclass
+class Prepared:
+    groups: list[Group]
+    batches: list
+    stats: dict[str, Stats]
+    orders: dict[str, torch.Tensor]
+    table: P.Table
+    ref: Reference
+    curves: dict[str, Curve] | None
+    seconds: float
+
+
 @register_pass
 @dataclass(frozen=True)
 class PruneStructured:
@@ -56,7 +68,7 @@ class PruneStructured:
     budget: dict = field(default_factory=lambda: {"params": 0.5})
     round_to: int = 8
     recovery: str = "lstsq"
-    ridge: float = 1e-3
+    ridge: float = 1.0
     recover_steps: int = 0
     recover_lr: float | None = None
     batch_size: int | None = None
@@ -117,6 +129,13 @@ class PruneStructured:
         return out
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        return self.execute(model, ctx, self.prepare(model, ctx))
+
+    def prepare(self, model: nn.Module, ctx: Context) -> Prepared:
+        """Everything the allocation needs, measured on the unpruned ``model`` (it stays unchanged):
+        statistics, unit rankings, the cost table and, for ``layer_adaptive``, the distortion curves.
+        Another instance differing only in ``budget`` (same measure), ``allocation`` or the
+        ``recover_*`` fields may :meth:`execute` with it (benchmarks reuse the curves this way)."""
         t0 = time.perf_counter()
         groups = self.groups(model, ctx)
         batches = list(ctx.batches("calib"))
@@ -124,18 +143,29 @@ class PruneStructured:
         orders = {g.name: ranking(self.score(model, g, stats[g.name])) for g in groups}
         table = self.table(model, groups, stats, ctx)
         groups = [g for g in groups if g.name in table.options]
-        ref = Reference(model, groups, batches, ctx.call)
-        curves = None
-        if self.allocation == "layer_adaptive":
-            curves = self.curves(model, groups, stats, orders, table, ref)
-        widths = self.allocate(table, curves)
-        seconds = {"plan": round(time.perf_counter() - t0, 2)}
-        keeps = _agree({g.name: kept(orders[g.name], widths[g.name]) for g in groups}, groups, ctx.device)
-        info = apply_plan(model, groups, keeps, stats, batches, ctx, ref, self, curves)
+        ref = Reference(model, groups, batches, ctx.call, pooled=ctx.kind == "encoder")
+        curves = (
+            self.curves(model, groups, stats, orders, table, ref)
+            if self.allocation == "layer_adaptive"
+            else None
+        )
+        return Prepared(groups, batches, stats, orders, table, ref, curves, time.perf_counter() - t0)
+
+    def execute(self, model: nn.Module, ctx: Context, prep: Prepared) -> nn.Module:
+        """Allocate, shrink and recover ``model`` (an unpruned model equal to the one ``prep`` measured)."""
+        t0 = time.perf_counter()
+        curves = prep.curves if self.allocation == "layer_adaptive" else None
+        widths = self.allocate(prep.table, curves)
+        keeps = _agree(
+            {g.name: kept(prep.orders[g.name], widths[g.name]) for g in prep.groups}, prep.groups, ctx.device
+        )
+        info = apply_plan(
+            model, prep.groups, keeps, prep.stats, prep.batches, ctx, prep.ref, self, prep.curves
+        )
         if self.recover_steps:
             ctx.info["training"] = recover_by_training(model, ctx, self)
-        seconds["total"] = round(time.perf_counter() - t0, 2)
-        summarise(ctx, model, groups, keeps, table, curves, info, self, seconds)
+        seconds = {"plan": round(prep.seconds, 2), "prune_and_recover": round(time.perf_counter() - t0, 2)}
+        summarise(ctx, model, prep.groups, keeps, prep.table, prep.curves, info, self, seconds)
         return model
 
     def score(self, model: nn.Module, g: Group, st: Stats) -> torch.Tensor:

@@ -42,6 +42,14 @@ HF = {"hf-bert": "tiny_bert_dir", "hf-vit": "tiny_hf_vit_dir", "hf-llama": "tiny
 FAMILIES = list(TIMM) + list(HF)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU is shared: small multi-threaded ops wait for descheduled threads
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def family(request):
     def build(name: str) -> LoadedModel:
