@@ -22,6 +22,8 @@ Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, 
   ``--random`` random allocations near each budget (correlation and median joint/sum).
 * ``timing`` — MiniLM with the shipped recipe's settings: the seconds of statistics + curves + DP
   (``prepare`` + the allocation), the acceptance's "under 5 minutes on these 2 cores".
+* ``acceptance`` — MiniLM at 50 % with closed-form recovery only and ``--acceptance-calib`` texts:
+  embedding cosine (target ≥ 0.95) and ORT latency vs dense (target ≤ 0.65×), alternated in one run.
 * ``speed`` — benchmarks/prune_speed.py: pruned vs dense latency ratios in PyTorch and ONNX Runtime
   (each pair alternated in one run), and whether a ``latency`` budget lands within 10 % of its
   prediction.
@@ -47,6 +49,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# not this folder: its kernels.py would shadow the `kernels` package transformers looks for
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import prune_speed  # noqa: E402
@@ -245,16 +249,48 @@ def _key(r: dict) -> tuple:
 
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", default=["quality", "tp", "ft", "additivity", "timing", "speed"])
+    p.add_argument(
+        "--parts", nargs="+", default=["quality", "tp", "ft", "additivity", "timing", "acceptance", "speed"]
+    )
+    p.add_argument(
+        "--acceptance-calib", type=int, default=256, help="calibration texts of the acceptance row"
+    )
     p.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--calib", type=int, default=64, help="calibration samples (train split)")
     p.add_argument("--ft-steps", type=int, default=100)
     p.add_argument("--random", type=int, default=8, help="random allocations per budget (additivity)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the passes (1: the CPU is shared)"
+    )
+    p.add_argument(
+        "--speed-models", nargs="+", default=list(prune_speed.MODELS), choices=list(prune_speed.MODELS)
+    )
+    p.add_argument("--speed-threads", type=int, default=2, help="threads of the timed runs (torch and ORT)")
     p.add_argument("--report", action="store_true")
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
+
+
+def acceptance_rows(calib_n: int, speed_threads: int) -> list[dict]:
+    """The acceptance setting on MiniLM: 50 % of the attention + MLP parameters, closed-form recovery
+    only (activation, layer_adaptive, lstsq), ``calib_n`` calibration texts: embedding cosine and the
+    ORT latency ratio (batch 8 × 128 tokens, alternated with the dense model)."""
+    s = setup("minilm", calib_n, 0)
+    p = PruneStructured(budget={"params": 0.5})
+    prep = p.prepare(s.loaded.model, s.ctx)
+    model, info = _cut(s, p, prep)
+    pruned = dataclasses.replace(s.loaded, model=model.eval())
+    torch.set_num_threads(speed_threads)
+    try:
+        speed = prune_speed._ratio(pruned, s.loaded, "onnxruntime", 8, speed_threads)
+    finally:
+        torch.set_num_threads(1)
+    row = {"part": "acceptance", "model": "minilm", "calibration_samples": calib_n, "budget": 0.5,
+           **_metrics(s, model), **info, "ort": speed, "speedup": round(1 / speed["ratio"], 3),
+           "cosine_target_met": _metrics(s, model)["cosine_mean"] >= 0.95, "latency_target_met": speed["ratio"] <= 0.65}  # fmt: skip
+    print(_line(row), flush=True)
+    return [row]
 
 
 def _model_part(part: str, s: Setup, args) -> list[dict]:
@@ -270,8 +306,14 @@ def _model_part(part: str, s: Setup, args) -> list[dict]:
 
 
 def _run_part(part: str, args, cache: dict) -> list[dict]:
+    if part == "acceptance":
+        return acceptance_rows(args.acceptance_calib, args.speed_threads)
     if part == "speed":
-        return prune_speed.rows(args.budgets, args.calib)
+        torch.set_num_threads(args.speed_threads)
+        try:
+            return prune_speed.rows(args.speed_models, args.budgets, args.calib, args.speed_threads)
+        finally:
+            torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
         if name not in cache:

@@ -5,8 +5,10 @@ with random weights at 224² (batch 1; calibration: digits resized to 224, unifo
 recovery — its weights are random, only its speed means anything): at each parameter budget the
 pass prunes a copy of the model (activation importance; layer-adaptive with least squares on the two
 demo models), then the pruned and the dense model are timed alternately in one run
-(:func:`edgecompress.bench.run.bench_models`: PyTorch eager, and ONNX Runtime on freshly exported
-graphs, each checked against its model), and the ratio pruned / dense is recorded.
+(:func:`edgecompress.bench.run.bench_models`: PyTorch eager on one thread — on this shared CPU
+multi-threaded eager calls of small ops wait for descheduled threads (measured: 490 ms for a
+vit-digits batch that takes 2 ms in ORT) — and ONNX Runtime on freshly exported graphs with
+``--speed-threads``, each checked against its model), and the ratio pruned / dense is recorded.
 
 Latency budget: the same pass with ``budget: {latency: 0.5}`` measures its per-group ORT table
 (:mod:`edgecompress.prune.latency`) and removes half of the groups' tabled latency. The predicted
@@ -62,10 +64,9 @@ def _setup(spec: str, calib_n: int):
     return loaded, make_context(calib, loaded.call, torch.device("cpu"), kind=loaded.kind)
 
 
-def model_rows(name: str, budgets, calib_n: int) -> list[dict]:
+def model_rows(name: str, budgets, calib_n: int, threads: int) -> list[dict]:
     spec, batch, alloc, rec = MODELS[name]
     loaded, ctx = _setup(spec, calib_n)
-    threads = torch.get_num_threads()
     base = PruneStructured(
         importance="activation", allocation=alloc, recovery=rec, ridge=1.0, latency_batch=batch
     )
@@ -75,7 +76,7 @@ def model_rows(name: str, budgets, calib_n: int) -> list[dict]:
         pruned, info = _pruned(loaded, dataclasses.replace(base, budget={"params": b}), ctx, prep)
         for backend in ("torch", "onnxruntime"):
             load = os.getloadavg()[0]
-            r = _ratio(pruned, loaded, backend, batch, threads)
+            r = _ratio(pruned, loaded, backend, batch, 1 if backend == "torch" else threads)
             rows.append({"part": "speed", "model": name, "what": "params", "budget": b, "allocation": alloc,
                          "removed": round(info["removed"], 4), "params_after": info["params_after"], **r,
                          "speedup": round(1 / r["ratio"], 3), "load": [load, os.getloadavg()[0]]})  # fmt: skip
@@ -101,8 +102,8 @@ def latency_target_row(name, loaded, ctx, base, prep, batch: int, threads: int) 
             "load": [load, os.getloadavg()[0]]}  # fmt: skip
 
 
-def rows(budgets, calib_n: int) -> list[dict]:
+def rows(models, budgets, calib_n: int, threads: int) -> list[dict]:
     out = []
-    for name in MODELS:
-        out += model_rows(name, budgets, calib_n)
+    for name in models:
+        out += model_rows(name, budgets, calib_n, threads)
     return out

@@ -33,12 +33,14 @@ def _compress(cmd_prefix: list[str], out: Path, recipe: Path) -> subprocess.Comp
     return subprocess.run([*cmd_prefix, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
+def one_and_two_processes(tmp_path: Path, recipe_text: str, atol: float = 1e-4) -> tuple[dict, dict]:
+    """Compress ``recipe_text`` in one process and under torchrun with 2; the saved tensors agree within
+    ``atol`` and only rank 0 prints. Returns both pass records (``report.json``'s first pass)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.is_file():
         pytest.skip("torchrun is not installed")
-    recipe = tmp_path / "step.yaml"
-    recipe.write_text(RECIPE)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
     one = _compress([sys.executable, "-m", "edgecompress"], tmp_path / "one", recipe)
     assert one.returncode == 0, one.stderr[-2000:]
     two = _compress(
@@ -49,9 +51,14 @@ def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("compress time") == 1  # rank 0 alone prints and writes
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     diffs = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
-    assert max(diffs.values()) <= 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
-    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
-    assert ra["passes"][0]["info"]["switch_step"] == rb["passes"][0]["info"]["switch_step"]
-    assert rb["passes"][0]["info"]["training"]["world_size"] == 2
+    assert max(diffs.values()) <= atol, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text())["passes"][0] for d in ("one", "two"))
+    return ra, rb
+
+
+def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
+    ra, rb = one_and_two_processes(tmp_path, RECIPE)
+    assert ra["info"]["switch_step"] == rb["info"]["switch_step"]
+    assert rb["info"]["training"]["world_size"] == 2
