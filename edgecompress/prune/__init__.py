@@ -32,6 +32,17 @@ Steps (each a pure function on tensors, with plumbing beside it):
    group's output projection on calibration data (after Kwon et al., NeurIPS 2022); then, with
    ``recover_steps``, distillation fine-tuning through :func:`edgecompress.train.fit`.
 
+Fields: ``granularity`` (``heads``, ``mlp``, ``blocks``), ``importance``, ``allocation``, ``budget``
+(one of ``{params: f}``, ``{flops: f}``, ``{latency: f}``, ``0 < f < 1``), ``round_to`` (kept widths
+a multiple of it), ``recovery`` (``none`` | ``bias`` | ``lstsq``) and ``ridge`` (its strength,
+relative to the mean input energy), ``recover_steps`` / ``recover_lr`` / ``batch_size`` (distillation
+after pruning; the recipe's ``train:`` gives the rest), ``curve_points`` (measured options per group),
+``latency_points`` / ``latency_batch`` / ``latency_seq`` / ``latency_seconds`` (the ORT table),
+``targets`` / ``ignore`` (matched against the attention / MLP module names). Refused in one line
+(exit code 2): a budget outside (0, 1), an unknown granularity, importance, allocation or recovery,
+and a budget that cannot be met without deleting every head (or channel) of a layer unless
+``blocks`` allows removing whole branches.
+
 Choices where RD-prune is silent or differs (it prunes single weights and fine-tunes after):
 
 * The allocation is over structured units: a group's options are its kept unit counts, not 101
