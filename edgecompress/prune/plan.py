@@ -79,9 +79,9 @@ def latency_costs(groups, options, stats, batch, seq, text, threads, seconds, po
     costs, measured = {}, {}
     for name, opts in options.items():
         t = timed[shapes[name]]
-        xs = sorted(t)
-        costs[name] = [float(np.interp(k, xs, [t[x] for x in xs])) for k in opts]
-        measured[name] = xs
+        xs = sorted(x for x in t if x > 0)  # a removed branch costs 0; no ramp from it to the narrowest width
+        costs[name] = [float(np.interp(k, xs, [t[x] for x in xs])) if k > 0 else 0.0 for k in opts]
+        measured[name] = sorted(t)
     return Table(options, costs, measured)
 
 
