@@ -257,6 +257,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(_line(r) for r in rows)
 
 
+def _metric(r: dict) -> float | None:
+    return r.get("top1", r.get("cosine_mean"))
+
+
+def summary(rows: list[dict]) -> dict:
+    """The acceptance comparisons, from the rows: layer_adaptive vs uniform (same importance and
+    recovery), ours vs Torch-Pruning at equal training (none: best-setting quality row; with the
+    same ``ft_steps``), the latency budget's aim, and the acceptance row."""
+    q = {(r["model"], r["importance"], r["recovery"], r["allocation"], r["budget"]): _metric(r)
+         for r in rows if r["part"] == "quality"}  # fmt: skip
+    la_vs_u = {f"{m}/{i}/{rec}/{b}": round(v - q[(m, i, rec, "uniform", b)], 4)
+               for (m, i, rec, a, b), v in q.items() if a == "layer_adaptive" and (m, i, rec, "uniform", b) in q}  # fmt: skip
+    ours = {
+        (r["model"], r["budget"]): _metric(r)
+        for r in rows
+        if r["part"] == "ft" and r.get("method") != "torch-pruning"
+    }
+    theirs = {
+        (r["model"], r["budget"], r["part"]): _metric(r) for r in rows if r.get("method") == "torch-pruning"
+    }
+    vs_tp = {}
+    for (m, b), v in ours.items():
+        if (m, b, "ft") in theirs:
+            vs_tp[f"{m}/{b}/finetuned"] = round(v - theirs[(m, b, "ft")], 4)
+        zero = q.get((m, "activation", "lstsq", "layer_adaptive", b))
+        if zero is not None and (m, b, "tp") in theirs:
+            vs_tp[f"{m}/{b}/no-training"] = round(zero - theirs[(m, b, "tp")], 4)
+    return {
+        "layer_adaptive_minus_uniform": la_vs_u,
+        "layer_adaptive_not_worse_everywhere": all(v >= 0 for v in la_vs_u.values()),
+        "ours_minus_torch_pruning": vs_tp,
+        "ahead_of_torch_pruning_everywhere": all(v > 0 for v in vs_tp.values()),
+        "latency_targets": {r["model"]: r["measured_over_predicted"] for r in rows if r.get("what") == "latency_target"},
+        "acceptance": [{k: r[k] for k in ("calibration_samples", "cosine_mean", "speedup", "cosine_target_met",
+                                          "latency_target_met")} for r in rows if r["part"] == "acceptance"],
+    }  # fmt: skip
+
+
 def _key(r: dict) -> tuple:
     return tuple(str(r.get(k)) for k in ("part", "model", "method", "importance", "recovery", "allocation", "budget",
                                           "ft_steps", "backend", "what"))  # fmt: skip
@@ -352,10 +390,14 @@ def main(argv=None) -> int:
             new = _run_part(part, args, cache)
             mine = {_key(r) for r in new}
             data["rows"] = [r for r in data["rows"] if _key(r) not in mine] + new
+            data["summary"] = summary(data["rows"])
             path.write_text(
                 json.dumps(data, indent=1, default=str)
             )  # partial results survive an interruption
+    data["summary"] = summary(data["rows"])
+    path.write_text(json.dumps(data, indent=1, default=str))
     print(table(data["rows"]))
+    print(json.dumps(data["summary"], indent=1))
     print(f"wrote {path}")
     return 0
 
