@@ -9,6 +9,7 @@ stay out of the statistics (:func:`real_tokens`, :meth:`Captured.tokens`,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -168,24 +169,43 @@ def observe(
     """Statistics of the input of each named module over one run of ``forward_loop``; padding
     tokens of text batches (the call's ``attention_mask``) are left out (:func:`real_tokens`)."""
     stats = {n: ActivationStats(cap=cap, seed=seed) for n in names}
+    hooks = []
+    with tracking_mask(model) as current:
+        try:
+            for n in names:
+                hooks.append(
+                    model.get_submodule(n).register_forward_pre_hook(
+                        lambda m, a, s=stats[n]: s.update(real_tokens(a[0], current["mask"]))
+                    )
+                )
+            forward_loop(model)
+        finally:
+            for h in hooks:
+                h.remove()
+    return stats
+
+
+@contextlib.contextmanager
+def tracking_mask(model: nn.Module):
+    """Yields ``{"mask": ...}``, the ``attention_mask`` of the model call in progress (None without one)."""
     current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def on_call(_m, args, kwargs):
         current["mask"] = _batch_info(args, kwargs)[1]
 
-    hooks = [model.register_forward_pre_hook(on_call, with_kwargs=True)]
+    hook = model.register_forward_pre_hook(on_call, with_kwargs=True)
     try:
-        for n in names:
-            hooks.append(
-                model.get_submodule(n).register_forward_pre_hook(
-                    lambda m, a, s=stats[n]: s.update(real_tokens(a[0], current["mask"]))
-                )
-            )
-        forward_loop(model)
+        yield current
     finally:
-        for h in hooks:
-            h.remove()
-    return stats
+        hook.remove()
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``[T, K]`` of a ``[b, N, K]`` (or any ``[..., K]``) tensor, without the padding tokens where
+    ``mask`` (``[b, N]``, 1 = real) fits it."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
 
 
 def capture_inputs(
@@ -228,11 +248,7 @@ class Captured:
         """Rows ``[T, K]`` of a Linear's input, without padding tokens where a mask says so."""
         rows = []
         for i, t in enumerate(self.inputs[name]):
-            m = self.masks[i] if i < len(self.masks) else None
-            if m is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(m.shape):
-                rows.append(t[m.bool()])
-            else:
-                rows.append(t.reshape(-1, t.shape[-1]))
+            rows.append(token_rows(t, self.masks[i] if i < len(self.masks) else None))
         return torch.cat(rows)
 
     def attention_groups(self, names: list[str]) -> list[tuple[torch.Tensor, ...]]:

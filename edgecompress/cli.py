@@ -324,7 +324,8 @@ def cmd_passes(args) -> int:
             print(f"    example: {cls.EXAMPLE}")
         for f in dataclasses.fields(cls):
             if f.init:
-                print(f"    {f.name}: {_type_name(hints[f.name])} = {f.default!r}")
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                print(f"    {f.name}: {_type_name(hints[f.name])} = {default!r}")
     return 0
 
 

@@ -21,7 +21,7 @@ from edgecompress.pipeline import make_teacher, run
 from edgecompress.quantize.modules import deployed_size_bytes
 from edgecompress.recipe import SECTION_DEFAULTS, Recipe, dump_recipe, recipe_to_dict, train_config
 from edgecompress.report import report_markdown
-from edgecompress.structure import save
+from edgecompress.structure import save, structure_of
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -144,13 +144,16 @@ def _context(loaded: LoadedModel, recipe: Recipe, eval_data, dev: torch.device):
 
 def coverage(model: torch.nn.Module) -> dict:
     """How much of the model's weight (parameters of ≥ 2 dims) sits in layers a pass changed (a
-    chain element, or inside a dynamic module such as an ACM, class attribute ``DYNAMIC``)."""
+    chain element, inside a dynamic module such as an ACM, class attribute ``DYNAMIC``, or resized
+    by structured pruning)."""
     total, done, left = 0, 0, {}
     owned = {}
     for mod in model.modules():
         for p in mod.parameters(recurse=False):
             owned.setdefault(id(p), mod)
     rebuilt = {id(m) for d in model.modules() if getattr(d, "DYNAMIC", False) for m in d.modules()}
+    resized = {op["name"] for op in structure_of(model)["ops"] if op["op"] == "resize"}
+    rebuilt |= {id(m) for n, m in model.named_modules() if n in resized}
     seen = set()
     for p in model.parameters():
         if p.dim() < 2 or id(p) in seen:

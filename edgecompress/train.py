@@ -76,6 +76,17 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def broadcast_from_rank0(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` as rank 0 holds it, under torchrun (joining the process group); ``t`` itself in a plain
+    run. For decisions every rank must share (e.g. which units a pruning pass keeps)."""
+    ranks = _init_ranks(device)
+    if ranks.world == 1:
+        return t
+    buf = t.to(device).clone()
+    dist.broadcast(buf, 0)
+    return buf.to(t.device)
+
+
 def _destroy_at_exit() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

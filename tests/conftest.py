@@ -101,3 +101,22 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
         if (src / name).is_file():
             shutil.copy2(src / name, folder / name)
     return folder
+
+
+def assert_recipe_exits_2(
+    recipe_text: str, message: str, tmp_path: Path, capsys, model: str = "demo:vit-digits"
+):
+    """``compress`` with ``recipe_text`` fails with one ``edgecompress: error:`` line containing ``message``,
+    exit code 2, and leaves no output folder (or temporary sibling) behind."""
+    from edgecompress.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text)
+    out = tmp_path / "out"
+    code = main(["compress", "--model", model, "--recipe", str(recipe), "--out", str(out), "--no-export"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("edgecompress: error:") and message in err[0], err
+    assert "Traceback" not in err[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp leftovers

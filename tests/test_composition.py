@@ -35,6 +35,7 @@ QUICK = {  # fields per pass that keep a run to seconds on a tiny model
     "sr_ste": {"steps": 2},
     "step": {"steps": 4, "t_max": 2},
     "acm": {"distill_steps": 2, "gate_steps": 2},
+    "prune_structured": {"curve_points": 3, "budget": {"params": 0.3}},
 }
 PAIRS = list(itertools.product(sorted(PASSES), repeat=2))
 

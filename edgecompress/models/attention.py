@@ -161,7 +161,7 @@ def _timm_classes() -> dict[type, type]:
             if is_causal:
                 attn_mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             x = self.ec_attn(q, k, v, attn_mask, self.scale)
-            x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+            x = self.norm(x.transpose(1, 2).reshape(B, N, -1))  # -1: heads may be pruned
             if gate is not None:
                 x = x * gate
             return self.proj_drop(self.proj(x))
@@ -219,7 +219,7 @@ def _register_hf() -> None:
         pass
 
 
-def _is_hf(model: nn.Module) -> bool:
+def is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "_attn_implementation")
 
 
@@ -231,7 +231,7 @@ def _set_hf_impl(model: nn.Module) -> None:
         model.config._attn_implementation = HF_IMPL
 
 
-def _hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules whose forward calls the attention interface: they carry a ``scaling`` attribute."""
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "scaling") and hasattr(m, "config")]
 
@@ -250,9 +250,9 @@ def explicit_attention_(model: nn.Module) -> list[str]:
     if found:
         return [n.rpartition(".")[0] for n, _ in found]
     done = []
-    if _is_hf(model):
+    if is_hf(model):
         _set_hf_impl(model)
-        for name, mod in _hf_attention_modules(model):
+        for name, mod in hf_attention_modules(model):
             mod.ec_attn = AttentionAdapter()
             done.append(name)
     else:

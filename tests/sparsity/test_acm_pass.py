@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from edgecompress.calib import make_context
-from edgecompress.cli import main
 from edgecompress.data.specs import load_samples
 from edgecompress.models.loading import LoadedModel, load_model, restore
 from edgecompress.models.slots import SlotLinear, called
@@ -32,7 +31,7 @@ from edgecompress.recipe import load_recipe, recipe_from_dict
 from edgecompress.sparsity.acm import ACMMLP, ACMPassthrough
 from edgecompress.structure import save
 from edgecompress.train import TrainConfig
-from tests.conftest import save_tiny_llama
+from tests.conftest import assert_recipe_exits_2, save_tiny_llama
 
 QUICK_LATENCY = {"min_seconds": 0.1, "min_iters": 2, "warmup_s": 0.05, "max_seconds": 5.0}
 QUICK = [  # acm_b050 with 3 steps per phase on 64 training / 16 calibration / 32 eval digits
@@ -178,12 +177,6 @@ def test_ptq_after_acm_quantizes_the_learners_which_then_run_through_their_modul
         assert torch.equal(restore(out).eval()(x), q)
 
 
-def _recipe(tmp_path, text: str) -> str:
-    p = tmp_path / f"r{abs(hash(text))}.yaml"
-    p.write_text(text)
-    return str(p)
-
-
 BAD = {
     "budget 0": ("passes: [{pass: acm, budget: 0}]", "passes[0]: budget must be in (0, 1], got 0"),
     "budget 1.5": ("passes: [{pass: acm, budget: 1.5}]", "passes[0]: budget must be in (0, 1], got 1.5"),
@@ -222,16 +215,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_acm_recipes_exit_2_with_one_line(case, tmp_path, capsys, one_thread):
-    text, message = BAD[case]
-    out = tmp_path / "out"
-    args = ["compress", "--model", "demo:vit-digits", "--recipe", _recipe(tmp_path, text), "--out", str(out)]
-    code = main([*args, "--no-export"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("edgecompress: error:") and message in err[0], err
-    assert "Traceback" not in err[0]
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp leftovers
+    assert_recipe_exits_2(*BAD[case], tmp_path, capsys)
 
 
 # ---- Hugging Face models -----------------------------------------------------------------------------

@@ -28,32 +28,37 @@ passes:
 
 
 def _compress(cmd_prefix: list[str], out: Path, recipe: Path) -> subprocess.CompletedProcess:
-    """``compress`` of the tiny ViT with ``recipe``; ``cmd_prefix`` after the interpreter or torchrun."""
     args = ["compress", "--model", TINY_VIT + "&pretrained=false", "--recipe", str(recipe), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    prefix = [sys.executable, *cmd_prefix] if cmd_prefix[0] == "-m" else cmd_prefix  # else: torchrun ...
-    return subprocess.run([*prefix, *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*cmd_prefix, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def _torchrun() -> list[str]:
+def one_and_two_processes(tmp_path: Path, recipe_text: str, atol: float = 1e-4) -> tuple[dict, dict]:
+    """Compress ``recipe_text`` in one process and under torchrun with 2; the saved tensors agree within
+    ``atol`` and only rank 0 prints. Returns both pass records (``report.json``'s first pass)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.is_file():
         pytest.skip("torchrun is not installed")
-    return [str(torchrun), "--standalone", "--nproc_per_node", "2"]
-
-
-def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
-    recipe = tmp_path / "step.yaml"
-    recipe.write_text(RECIPE)
-    one = _compress(["-m", "edgecompress"], tmp_path / "one", recipe)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    one = _compress([sys.executable, "-m", "edgecompress"], tmp_path / "one", recipe)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _compress([*_torchrun(), "-m", "edgecompress"], tmp_path / "two", recipe)
+    two = _compress(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "edgecompress"],
+        tmp_path / "two",
+        recipe,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("compress time") == 1  # rank 0 alone prints and writes
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     diffs = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
-    assert max(diffs.values()) <= 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
-    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
-    assert ra["passes"][0]["info"]["switch_step"] == rb["passes"][0]["info"]["switch_step"]
-    assert rb["passes"][0]["info"]["training"]["world_size"] == 2
+    assert max(diffs.values()) <= atol, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text())["passes"][0] for d in ("one", "two"))
+    return ra, rb
+
+
+def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
+    ra, rb = one_and_two_processes(tmp_path, RECIPE)
+    assert ra["info"]["switch_step"] == rb["info"]["switch_step"]
+    assert rb["info"]["training"]["world_size"] == 2

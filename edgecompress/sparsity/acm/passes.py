@@ -249,7 +249,7 @@ class ACM:
         stats = choice_stats(model, acms, ctx)
         ctx.info["acm"] = stats
         ctx.info["training"] = {
-            phase: {"steps": f.steps, "final_loss": f.final_loss, "seconds": round(f.seconds, 1), "losses": f.losses}
+            phase: {"steps": f.steps, "final_loss": f.final_loss, "seconds": round(f.seconds, 1), "world_size": f.world_size, "losses": f.losses}
             for phase, f in fits.items()
         }  # fmt: skip
         ctx.notes.append(

@@ -1,13 +1,9 @@
-"""Where an ACM can replace an MLP, found from the module structure (no tracing, no forks):
-
-* timm ``Mlp`` (``fc1 → act → fc2``, ViT / DeiT / Swin / BEiT …), ``SwiGLU`` (``act(fc1_g x) ⊙
-  fc1_x x → fc2``) and ``GluMlp`` (EVA02: gate and up fused in ``fc1``, chunked): the whole
-  module is swapped; one with a norm over its hidden units (``scale_mlp``) is left dense, since
-  the norm couples the learners;
-* HF encoder layers (BERT, RoBERTa, ViT …): ``intermediate`` (``dense`` + ``intermediate_act_fn``)
-  is swapped for the ACM and the sibling ``output.dense`` for :class:`ACMPassthrough`; the output
-  module's dropout, residual and LayerNorm stay the model's;
-* HF gated MLPs (Llama, Mistral, Qwen2: ``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``).
+"""Where an ACM can replace an MLP: the sites of :mod:`edgecompress.models.mlp` (timm ``Mlp`` /
+``SwiGLU`` / ``GluMlp``, HF encoder layers, HF gated MLPs). The whole MLP module is swapped; one
+with a norm over its hidden units (``scale_mlp``) is left dense, since the norm couples the
+learners; in HF encoder layers ``intermediate`` is swapped for the ACM and the sibling
+``output.dense`` for :class:`ACMPassthrough` (the output module's dropout, residual and LayerNorm
+stay the model's).
 
 :func:`build_acm` makes the ACM of a site from its weights: hidden units ranked by
 ``E|a_j| · ‖W2[:, j]‖`` on the recorded inputs (``a`` the hidden activation) and dealt out in rank
@@ -18,108 +14,14 @@ from this split and distil, see the package docstring).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import torch
 from torch import nn
 
+from edgecompress.models.mlp import Site, act_name, find_sites
 from edgecompress.sparsity.acm.modules import ACMMLP, ACMPassthrough
 from edgecompress.structure import replace_module
 
-
-@dataclass(frozen=True)
-class Site:
-    name: str  # the module swapped for the ACM (its input is the ACM's input)
-    out: str  # the module whose output the ACM reproduces (== name, or HF's ``output.dense``)
-    fc1: nn.Linear
-    fc2: nn.Linear
-    act: str | None  # None: an activation we cannot run (the site is skipped, with the reason)
-    up: nn.Linear | None = None
-    passthrough: str | None = None  # HF: ``output.dense``, replaced by ACMPassthrough
-    why: str | None = None  # why it cannot become an ACM (left dense, named in the report)
-
-
-def act_name(mod) -> str | None:
-    """Our name for an activation module / function, or None when unsupported."""
-    name = type(mod).__name__.lower()
-    if isinstance(mod, nn.GELU):
-        return "gelu_tanh" if mod.approximate == "tanh" else "gelu"
-    if isinstance(mod, nn.SiLU) or name in ("siluactivation",):
-        return "silu"
-    if isinstance(mod, nn.ReLU):
-        return "relu"
-    if name in ("geluactivation",):
-        return "gelu"
-    if name in ("newgeluactivation", "gelutanh", "pytorchgelutanh", "fastgeluactivation"):
-        return "gelu_tanh"
-    if name in ("quickgeluactivation", "quickgelu"):
-        return "quick_gelu"
-    fn = getattr(mod, "__name__", "")
-    return {"gelu": "gelu", "silu": "silu", "relu": "relu"}.get(fn)
-
-
-def _plain_linear(*mods) -> bool:
-    return all(isinstance(m, nn.Linear) for m in mods)
-
-
-def _half(lin: nn.Linear, part: int) -> nn.Linear:
-    """Rows ``part`` (0: first half, 1: second) of a fused Linear, as its own Linear (a copy)."""
-    n = lin.out_features // 2
-    rows = slice(part * n, (part + 1) * n)
-    out = nn.Linear(lin.in_features, n, bias=lin.bias is not None).to(lin.weight.device, lin.weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(lin.weight[rows])
-        if lin.bias is not None:
-            out.bias.copy_(lin.bias[rows])
-    return out
-
-
-def _timm_site(name: str, mod: nn.Module) -> Site | None:
-    fc1, fc2, act = getattr(mod, "fc1", None), getattr(mod, "fc2", None), getattr(mod, "act", None)
-    if _plain_linear(fc1, fc2) and act is not None:
-        glu = fc1.out_features == 2 * fc2.in_features and getattr(mod, "chunk_dim", -1) == -1
-        if glu:  # GluMlp (EVA02): fc1 holds gate and up, chunked along the features
-            gate, up = (1, 0) if getattr(mod, "gate_last", False) else (0, 1)
-            return Site(name, name, _half(fc1, gate), fc2, act_name(act), up=_half(fc1, up))
-        if fc1.out_features == fc2.in_features:
-            return Site(name, name, fc1, fc2, act_name(act))  # timm Mlp
-    if _plain_linear(*(getattr(mod, a, None) for a in ("fc1_g", "fc1_x", "fc2"))) and act is not None:
-        return Site(name, name, mod.fc1_g, mod.fc2, act_name(act), up=mod.fc1_x)  # timm SwiGLU
-    return None
-
-
-def _site_of(name: str, mod: nn.Module, root: nn.Module) -> Site | None:
-    site = _timm_site(name, mod)
-    norm = getattr(mod, "norm", None)
-    if site is not None and norm is not None and not isinstance(norm, nn.Identity):
-        return replace(site, why="a norm over the hidden units couples the learners")
-    if site is not None:
-        return site
-    if _plain_linear(*(getattr(mod, a, None) for a in ("gate_proj", "up_proj", "down_proj"))):
-        return Site(
-            name, name, mod.gate_proj, mod.down_proj, act_name(getattr(mod, "act_fn", None)), mod.up_proj
-        )
-    dense, act = getattr(mod, "dense", None), getattr(mod, "intermediate_act_fn", None)
-    parent_name, _, leaf = name.rpartition(".")
-    if leaf == "intermediate" and isinstance(dense, nn.Linear) and act is not None:
-        parent = root.get_submodule(parent_name) if parent_name else root
-        out_dense = getattr(getattr(parent, "output", None), "dense", None)
-        if isinstance(out_dense, nn.Linear) and out_dense.in_features == dense.out_features:
-            out = f"{parent_name}.output.dense" if parent_name else "output.dense"
-            return Site(name, out, dense, out_dense, act_name(act), passthrough=out)
-    return None
-
-
-def find_sites(model: nn.Module) -> list[Site]:
-    """Every MLP of a supported form, outermost first (a site's submodules are not sites)."""
-    sites: list[Site] = []
-    for name, mod in model.named_modules():
-        if not name or any(name.startswith(s.name + ".") for s in sites):
-            continue
-        site = _site_of(name, mod, model)
-        if site is not None:
-            sites.append(site)
-    return sites
+__all__ = ["Site", "act_name", "build_acm", "default_gate_width", "find_sites", "install", "unit_order"]
 
 
 @torch.no_grad()

@@ -1,0 +1,166 @@
+"""The ``prune_structured`` pass: allocation, budgets, granularities and bad recipes.
+
+Oracles and tolerances:
+
+* the layer-adaptive DP against the uniform allocation on the *same* measured curves: its summed
+  distortion is never larger (exact optimum, float tolerance 1e-12), and the budget is met;
+* every budget measure against its definition: the kept cost ≤ (1 − budget) × the total, the FLOPs
+  count against a hand count of a tiny ViT's multiply-adds (exact);
+* a removed branch against the unpruned model with that branch's units zeroed (float64, 1e-10) —
+  via the pass, and restore bit-identical (torch.equal);
+* bad recipes: one ``edgecompress: error:`` line, exit code 2, no output folder (as tests/test_cli.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from edgecompress.calib import make_context
+from edgecompress.errors import UserError
+from edgecompress.export.inputs import as_batch, synthetic
+from edgecompress.models.loading import load_model, restore
+from edgecompress.pipeline import run
+from edgecompress.prune import ConstantBranch, PruneStructured
+from edgecompress.prune.plan import allocate_widths
+from edgecompress.structure import save
+from tests.conftest import assert_recipe_exits_2, tiny_timm
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ctx(loaded, n=2, batch=5):
+    batches = [as_batch(loaded, synthetic(loaded, batch, seed=30 + i)) for i in range(n)]
+    return batches, make_context(batches, loaded.call, torch.device("cpu"), kind=loaded.kind)
+
+
+def _run(loaded, **fields):
+    batches, ctx = _ctx(loaded)
+    model, records = run(copy.deepcopy(loaded.model), [PruneStructured(**fields)], ctx)
+    return model, records[0]["info"]["prune"], batches
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "activation", "distortion"])
+def test_layer_adaptive_dp_beats_uniform_on_its_own_curves(importance, one_thread):
+    loaded = tiny_timm("vit_tiny_patch16_224", depth=3, mlp_ratio=2.0)
+    model, info, _ = _run(loaded, importance=importance, budget={"params": 0.45}, curve_points=4, round_to=4)
+    rows = {r["name"]: r for r in info["groups"]}
+    curves = {n: {int(k): v for k, v in r["curve"].items()} for n, r in rows.items()}
+    assert info["removed"] >= 0.45 and info["cost_after"] <= 0.55 * info["cost_total"] + 1e-9
+    dp_sum = info["additivity"]["sum_of_single"]
+    assert dp_sum == pytest.approx(sum(_interp(curves[n], r["kept"]) for n, r in rows.items()), rel=1e-9)
+    assert info["additivity"]["joint"] > 0
+    # the uniform allocation on the same curves is feasible and no better
+    from edgecompress.prune.plan import Table
+
+    opts = {n: sorted(_options(r, 4)) for n, r in rows.items()}
+    table = Table(
+        opts, {n: [k * rows[n]["cost_dense"] / rows[n]["units"] for k in o] for n, o in opts.items()}
+    )
+    uni = allocate_widths(table, 0.45, None)
+    assert sum(_interp(curves[n], k) for n, k in uni.items()) >= dp_sum - 1e-12
+
+
+def _options(row, round_to):
+    width = 12 if row["kind"] == "heads" else 1  # head_dim of the tiny ViT (48 / 4)
+    return [k for k in range(1, row["units"]) if k * width % round_to == 0] + [row["units"]]
+
+
+def _interp(curve: dict[int, float], k: int) -> float:
+    import numpy as np
+
+    xs = sorted(curve)
+    return float(np.interp(k, xs, [curve[x] for x in xs]))
+
+
+def test_flops_budget_counts_multiply_adds(one_thread):
+    loaded = tiny_timm("vit_tiny_patch16_224", mlp_ratio=2.0)  # 32×32, patch 8: 16 patches + cls = 17 tokens
+    _, info, _ = _run(loaded, allocation="uniform", budget={"flops": 0.3}, recovery="none", round_to=4)
+    n, d, hd, hidden = 17, 48, 12, 96
+    head = (
+        n * (3 * hd * d + 3 * hd + d * hd) + 2 * n * n * hd
+    )  # q, k, v rows (+ biases), proj columns; qkᵀ and pv
+    channel = n * (d + 1 + d)  # an fc1 row (+ bias) and an fc2 column
+    assert info["cost_total"] == pytest.approx(2 * (4 * head + hidden * channel), rel=1e-12)
+    assert info["cost_after"] <= 0.7 * info["cost_total"] + 1e-6
+
+
+def test_latency_budget_uses_a_measured_table(one_thread):
+    loaded = tiny_timm("vit_tiny_patch16_224", mlp_ratio=2.0)
+    _, info, _ = _run(loaded, budget={"latency": 0.3}, latency_seconds=0.05, latency_points=4, curve_points=3)
+    assert info["cost_after"] <= 0.7 * info["cost_total"] + 1e-9
+    for r in info["groups"]:
+        assert r["latency_measured_widths"][-1] == r["units"] and len(r["latency_measured_widths"]) <= 4
+        assert r["cost_dense"] > 0
+
+
+def test_blocks_remove_whole_branches_exactly(one_thread, tmp_path):
+    loaded = tiny_timm("vit_tiny_patch16_224", mlp_ratio=2.0)
+    with pytest.raises(UserError, match="would delete every head or channel of a layer"):
+        _run(loaded, granularity=("heads",), budget={"params": 0.9}, round_to=4)
+    model, info, batches = _run(loaded, granularity=("blocks",), budget={"params": 0.5}, recovery="none")
+    removed = [r["name"] for r in info["groups"] if r["kept"] == 0]
+    assert removed and all(r["kept"] in (0, r["units"]) for r in info["groups"])
+    assert sum(isinstance(m, ConstantBranch) for m in model.modules()) == len(removed)
+    zeroed = copy.deepcopy(loaded.model).double()
+    for name in removed:  # the oracle: every unit of the removed branches zeroed in the unpruned model
+        out = zeroed.get_submodule(name + (".proj" if name.endswith("attn") else ".fc2"))
+        out.weight.data.zero_()
+    x = batches[0].double()
+    with torch.no_grad():
+        want, got = zeroed(x), copy.deepcopy(model).double()(x)
+    assert (want - got).abs().max() <= 1e-10 * want.abs().max()
+    back = restore(save(model, tmp_path / "out", {}))
+    with torch.no_grad():
+        assert torch.equal(back(batches[0]), model(batches[0]))
+
+
+BAD = {
+    "budget above 1": ("passes: [{pass: prune_structured, budget: {params: 1.2}}]",
+                       "passes[0]: budget params must be a fraction in (0, 1) to remove, got 1.2"),
+    "budget 0": ("passes: [{pass: prune_structured, budget: {flops: 0}}]", "budget flops must be a fraction in (0, 1)"),
+    "unknown measure": ("passes: [{pass: prune_structured, budget: {speed: 0.5}}]", "budget must be one of"),
+    "unknown granularity": ("passes: [{pass: prune_structured, granularity: [neurons]}]",
+                            "granularity must be a non-empty list of heads | mlp | blocks, got ('neurons',)"),
+    "unknown importance": ("passes: [{pass: prune_structured, importance: fisher}]",
+                           "importance must be magnitude | taylor | activation | distortion"),
+    "after quantization": ("passes: [{pass: uniform_ptq}, {pass: prune_structured}]",
+                           "passes[1] 'prune_structured' cannot follow passes[0] 'uniform_ptq'"),
+    "after n:m": ("passes: [{pass: nm_oneshot}, {pass: prune_structured}]",
+                  "passes[1] 'prune_structured' cannot follow passes[0] 'nm_oneshot'"),
+    "every head of a layer": ("calibration: {samples: 8}\neval: {samples: 8}\n"
+                              "passes: [{pass: prune_structured, granularity: [heads], budget: {params: 0.9}}]",
+                              "budget params=0.9 would delete every head or channel of a layer"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_prune_recipes_exit_2_with_one_line(case, tmp_path, capsys, one_thread):
+    assert_recipe_exits_2(*BAD[case], tmp_path, capsys)
+
+
+def test_hf_bert_heads_prune_unevenly_and_restore(tiny_bert_dir, tmp_path, one_thread):
+    loaded = load_model(f"hf:{tiny_bert_dir}")
+    from edgecompress.data.specs import load_data
+
+    batches = load_data("text", loaded, "train", samples=8, batch_size=4).batches
+    ctx = make_context(batches, loaded.call, torch.device("cpu"), kind=loaded.kind)
+    p = PruneStructured(granularity=("heads",), budget={"params": 0.4}, round_to=4, curve_points=4)
+    model, records = run(copy.deepcopy(loaded.model), [p], ctx)
+    heads = [r["kept"] for r in records[0]["info"]["prune"]["groups"]]
+    assert min(heads) >= 1 and sum(heads) <= 0.6 * 2 * 4 + 1e-9
+    sizes = [
+        model.get_submodule(r["name"]).num_attention_heads for r in records[0]["info"]["prune"]["groups"]
+    ]
+    assert sizes == heads
+    back = restore(save(model, tmp_path / "out", {}))
+    with torch.no_grad():
+        assert torch.equal(loaded.call(back, batches[0]), loaded.call(model, batches[0]))
