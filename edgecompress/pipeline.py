@@ -44,6 +44,7 @@ BUILTIN_PASS_MODULES = (
     "edgecompress.quantize.vit_ptq",
     "edgecompress.sparsity.nm",
     "edgecompress.sparsity.acm",
+    "edgecompress.sparsity.seer",
 )
 
 

@@ -35,6 +35,7 @@ QUICK = {  # fields per pass that keep a run to seconds on a tiny model
     "sr_ste": {"steps": 2},
     "step": {"steps": 4, "t_max": 2},
     "acm": {"distill_steps": 2, "gate_steps": 2},
+    "seer_attention": {"block": 16, "keep_first": False},  # 17 ViT tokens: 2 blocks, 1 kept per row
 }
 PAIRS = list(itertools.product(sorted(PASSES), repeat=2))
 

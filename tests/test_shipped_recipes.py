@@ -48,7 +48,8 @@ def test_shipped_recipe_runs_on_tiny_vit(path, tmp_path, capsys):
         assert all(t["steps"] == 4 and math.isfinite(t["final_loss"]) for t in trained)
     else:
         assert report["metrics"]["compressed"]["top1_agreement"] >= MIN_TOP1_AGREEMENT
-    assert report["size_bytes"]["compressed"] < report["size_bytes"]["baseline"]
+    if any(p["pass"] != "seer_attention" for p in sections["passes"]):  # its gates add weights, skip compute
+        assert report["size_bytes"]["compressed"] < report["size_bytes"]["baseline"]
     assert (out / "model.safetensors").stat().st_size > 0
     # ... and the compressed folder exports: full ONNX checker, then ORT against PyTorch
     onnx_path = tmp_path / "model.onnx"

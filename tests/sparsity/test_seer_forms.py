@@ -85,12 +85,15 @@ def test_padding_rows_equal_the_unpadded_sample(causal):
     q, k, v = _inputs(n)
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, real:] = False
-    bias, simple_valid = X.simplify_bias(_padding_bias(n, valid, causal), causal, n)
-    assert bias is not None and torch.equal(simple_valid, valid)
+    full = _padding_bias(n, valid, causal)
+    bias, simple_valid = X.simplify_bias(full, causal, n)
+    assert bias is None and torch.equal(simple_valid, valid)  # a padding mask is all in ``valid``
     keep = _keep(q, k, block, causal, valid=valid)
-    got = X.gathered(q, k, v, keep, bias, causal, D**-0.5, block)
-    ref = X.masked_dense(q, k, v, keep, bias, causal, D**-0.5, block)
+    got = X.gathered(q, k, v, keep, None, causal, D**-0.5, block, valid)
+    ref = X.masked_dense(q, k, v, keep, None, causal, D**-0.5, block, valid)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    as_bias = X.gathered(q, k, v, keep, full, causal, D**-0.5, block)  # the same mask as a general bias
+    torch.testing.assert_close(as_bias, ref, rtol=0, atol=2e-6)
     nb_real = -(-real // block)
     cut = X.masked_dense(
         q[1:, :, :real],

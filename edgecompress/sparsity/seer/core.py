@@ -85,12 +85,12 @@ class SeerAttentionCore(nn.Module):
         if k.shape[2] != n or (n < self.min_seq_len and not self.collect):
             self._count_dense(q)
             return X.dense(q, k, v, bias, self.causal, scale)
-        bias, valid = X.simplify_bias(bias, self.causal, n)
+        rest, valid = X.simplify_bias(bias, self.causal, n)  # the model's mask = rest + padding keys
         if valid is not None:
             valid = valid.expand(q.shape[0], n)
         if self.collect:
             logits, allowed = self.gate(q.detach(), k.detach(), valid, positions, self.causal)
-            out, truth = X.pooled_truth(q, k, v, bias, self.causal, scale, self.block, valid)
+            out, truth = X.pooled_truth(q, k, v, rest, self.causal, scale, self.block, valid)
             self.last = {
                 "logits": logits,
                 "truth": truth,
@@ -104,38 +104,35 @@ class SeerAttentionCore(nn.Module):
             self.allowed += seen
         if bool((keep == allowed.expand_as(keep)).all()):
             return X.dense(q, k, v, bias, self.causal, scale)
-        return self.execute(q, k, v, keep, bias, scale)
+        return self.execute(q, k, v, keep, rest, scale, valid)
 
     def choose(self, q, k, valid=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept blocks ``[B, H, nb, nb]`` and allowed blocks ``[B|1, 1, nb, nb]`` for this input."""
         with torch.no_grad():
             logits, allowed = self.gate(q, k, valid, positions, self.causal)
+            nb = logits.shape[-1]
             forced = forced_blocks(
-                logits.shape[-1],
-                self.causal,
-                self.keep_diagonal,
-                self.keep_first,
-                self.dense_last_rows,
-                q.device,
+                nb, self.causal, self.keep_diagonal, self.keep_first, self.dense_last_rows, q.device
             )
             return select_blocks(logits, allowed, forced, self.density, self.threshold), allowed
 
-    def pick_form(self, q: torch.Tensor, bias) -> str:
-        if self.form == "triton" and not X.triton_ok(q, bias, self.block):
+    def pick_form(self, q: torch.Tensor, bias, valid) -> str:
+        if self.form == "triton" and not X.triton_ok(q, bias, valid, self.block):
             raise ValueError(
-                f"form='triton' needs CUDA, Triton, no attention bias beyond the causal mask and block in "
+                f"form='triton' needs CUDA, Triton, no attention mask beyond the causal one and block in "
                 f"(32, 64, 128); got device {q.device.type}, block {self.block}: use 'auto'"
             )
         if self.form != "auto":
             return self.form
-        return "triton" if X.triton_ok(q, bias, self.block) else "gathered"
+        return "triton" if X.triton_ok(q, bias, valid, self.block) else "gathered"
 
-    def execute(self, q, k, v, keep, bias, scale: float) -> torch.Tensor:
-        form = self.pick_form(q, bias)
+    def execute(self, q, k, v, keep, bias, scale: float, valid=None) -> torch.Tensor:
+        """The kept blocks in the chosen form; ``bias``/``valid`` as :func:`.execute.simplify_bias` gives them."""
+        form = self.pick_form(q, bias, valid)
         if form == "triton":
             return X.triton(q, k, v, keep, self.causal, scale, self.block)
         fn = X.masked_dense if form == "reference" else X.gathered
-        return fn(q, k, v, keep, bias, self.causal, scale, self.block)
+        return fn(q, k, v, keep, bias, self.causal, scale, self.block, valid)
 
     def _count_dense(self, q: torch.Tensor) -> None:
         if self.record:

@@ -1,15 +1,17 @@
 """The forms of block-sparse attention once the kept blocks are known, and the gate's training target.
 
 Inputs: ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, Hkv, N, D]`` (GQA: query head ``h`` reads K/V head
-``h // (H / Hkv)``), ``keep`` ``[B, H, nb, nb]`` bool, ``bias`` an additive float mask or a bool
-mask broadcastable to ``[B, H, N, N]`` (``None``: none), ``causal`` (keys after the query masked
-element-wise, inside the diagonal block too). A query row with no kept key outputs zeros.
+``h // (H / Hkv)``), ``keep`` ``[B, H, nb, nb]`` bool, ``valid`` ``[B, N]`` the real (not padding)
+keys (``None``: all), ``bias`` an additive float or a bool mask broadcastable to ``[B, H, N, N]``
+beyond that (``None``: none; :func:`simplify_bias` splits the model's mask into the two), ``causal``
+(keys after the query masked element-wise, inside the diagonal block too). A query row with no
+kept key outputs zeros.
 
 * :func:`masked_dense` — the reference (oracle): every score computed, the dropped blocks masked;
 * :func:`gathered` — the CPU form that skips the work: per chunk of query blocks, the kept K/V
   blocks are gathered (one ``index_select`` each) and the chunk runs PyTorch's fused
   ``scaled_dot_product_attention`` (its CPU flash kernel) against them, with an element mask only
-  where one is needed (the causal diagonal, a partial last block, padding slots, a bias). Cost: the
+  where one is needed (the causal diagonal, a partial last block, padding, a bias). Cost: the
   kept blocks' FLOPs plus one copy of their K/V. Chosen over per-block matmuls with an explicit
   softmax and over FlexAttention compiled for the CPU, measured in ``benchmarks/seer.py``;
 * the Triton kernel :func:`edgecompress.kernels.block_sparse_attention` (index-list masks: a skipped
@@ -49,8 +51,8 @@ def attend_mask(bias: torch.Tensor) -> torch.Tensor:
 
 
 def simplify_bias(bias: torch.Tensor | None, causal: bool, n: int):
-    """``(bias, valid)``: the bias, or None when it only repeats the causal / no mask; ``valid`` ``[B, N]``
-    the keys some query may see (None: all). One pass over the ``[B, 1|H, N, N]`` mask."""
+    """``(bias, valid)``: ``valid`` ``[B|1, N]`` the keys some query may see (None: all) and the bias, or
+    None where the causal structure and ``valid`` say all it says (a padding mask). One pass over it."""
     if bias is None:
         return None, None
     while bias.dim() < 4:
@@ -61,13 +63,13 @@ def simplify_bias(bias: torch.Tensor | None, causal: bool, n: int):
     if plain:
         structure = torch.ones(n, n, dtype=torch.bool, device=bias.device)
         structure = structure.tril() if causal else structure
-        if bool((ok == structure).all()):
+        if bool((ok == (structure & valid[:, None, None, :])).all()):
             bias = None
     return bias, (None if bool(valid.all()) else valid)
 
 
 def dense(q, k, v, bias, causal: bool, scale: float) -> torch.Tensor:
-    """PyTorch SDPA (fused on CPU and GPU), K/V heads shared for GQA."""
+    """PyTorch SDPA (fused on CPU and GPU), K/V heads shared for GQA; ``bias`` is the model's own mask."""
     mask = additive(bias, q.dtype)
     return F.scaled_dot_product_attention(
         q,
@@ -80,16 +82,18 @@ def dense(q, k, v, bias, causal: bool, scale: float) -> torch.Tensor:
     )
 
 
-def masked_dense(q, k, v, keep, bias, causal: bool, scale: float, block: int) -> torch.Tensor:
-    """Reference: all scores, the dropped blocks (and the causal upper triangle) set to -inf."""
+def masked_dense(q, k, v, keep, bias, causal: bool, scale: float, block: int, valid=None) -> torch.Tensor:
+    """Reference: all scores, the dropped blocks, the causal upper triangle and padding keys set to -inf."""
     n = q.shape[2]
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, N, N]
     if bias is not None:
         s = s + additive(bias, s.dtype)
-    s = s.masked_fill(~element_mask(keep, n, block, causal), float("-inf"))
-    p = s.softmax(-1).nan_to_num(nan=0.0)  # rows with nothing kept: 0
+    mask = element_mask(keep, n, block, causal)
+    if valid is not None:
+        mask = mask & valid[:, None, None, :]
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(nan=0.0)  # rows with nothing kept: 0
     return (p @ v.float()).to(q.dtype)
 
 
@@ -106,30 +110,36 @@ def _row_chunks(widths: list[int], per_slot: int, budget: int) -> list[tuple[int
     return out
 
 
-def _chunk_mask(idx, counts, r0, r1, n, block, causal, bias, dtype):
-    """Element mask of one chunk ``[B, H, R, block, W·block]`` (bool, or additive with a bias); None if
-    every gathered key is visible to every query of the chunk."""
+def _chunk_mask(idx, counts, r0, r1, n, block, causal, bias, valid, dtype):
+    """Additive mask of one chunk ``[B, H, R, block or 1, W·block]`` (0 / -inf, plus a bias); None if every
+    gathered key is visible to every query of the chunk. Without a causal mask or a bias it does not
+    depend on the query (one row, broadcast by SDPA)."""
     b, h, r, w = idx.shape
     offs = torch.arange(block, device=idx.device)
     kpos = (idx.clamp(min=0)[..., None] * block + offs).reshape(b, h, r, w * block)  # [B, H, R, W*bs]
     slot_ok = (torch.arange(w, device=idx.device) < counts[..., None]).repeat_interleave(block, dim=-1)
-    ok = (slot_ok & (kpos < n))[:, :, :, None, :]  # [B, H, R, 1, W*bs]
+    ok = slot_ok & (kpos < n)
+    if valid is not None:  # padding keys
+        ok = ok & valid.gather(-1, kpos.clamp(max=n - 1).reshape(b, -1)).view(b, h, r, w * block)
+    ok = ok[:, :, :, None, :]  # [B, H, R, 1, W*bs]
     qpos = (torch.arange(r0, r1, device=idx.device)[:, None] * block + offs).reshape(1, 1, r, block, 1)
     if causal:
         ok = ok & (kpos[:, :, :, None, :] <= qpos)
     if bias is None:
-        return None if bool(ok.all()) else ok.expand(b, h, r, block, w * block)
-    full = bias.expand(b, h, -1, -1)
-    qidx = qpos.clamp(max=n - 1).reshape(1, 1, r * block, 1).expand(b, h, r * block, 1)
-    rows = full.gather(2, qidx.expand(b, h, r * block, full.shape[-1]))  # [B, H, R*bs, N]
-    vals = rows.view(b, h, r, block, -1).gather(
-        -1, kpos.clamp(max=n - 1)[:, :, :, None, :].expand(b, h, r, block, w * block)
-    )
+        return (
+            None
+            if bool(ok.all())
+            else torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(~ok, float("-inf"))
+        )
+    full = bias.expand(b, h, n, n)
+    qidx = qpos.clamp(max=n - 1).reshape(1, 1, r * block, 1).expand(b, h, r * block, n)
+    rows = full.gather(2, qidx).view(b, h, r, block, n)  # [B, H, R, bs, N]
+    vals = rows.gather(-1, kpos.clamp(max=n - 1)[:, :, :, None, :].expand(b, h, r, block, w * block))
     return additive(vals, dtype).masked_fill(~ok, float("-inf"))
 
 
 def gathered(
-    q, k, v, keep, bias, causal: bool, scale: float, block: int, budget: int = GATHER_BYTES
+    q, k, v, keep, bias, causal: bool, scale: float, block: int, valid=None, budget: int = GATHER_BYTES
 ) -> torch.Tensor:
     """CPU form: per chunk of query blocks, SDPA against the gathered kept K/V blocks (module docstring)."""
     b, h, n, d = q.shape
@@ -137,9 +147,9 @@ def gathered(
     pad = nb * block - n
     index = block_mask_to_index(keep, causal)  # ascending kept blocks per row, -1 padded
     widths = index.counts.amax(dim=(0, 1)).tolist()  # [nb] (one host sync)
-    kb = F.pad(k, (0, 0, 0, pad)).reshape(b * hkv * nb, block, d)
-    vb = F.pad(v, (0, 0, 0, pad)).reshape(b * hkv * nb, block, d)
-    qb = F.pad(q, (0, 0, 0, pad)).view(b, h, nb, block, d)
+    kb, vb, qb = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (k, v, q))
+    kb, vb = kb.reshape(b * hkv * nb, block, d), vb.reshape(b * hkv * nb, block, d)
+    qb = qb.reshape(b, h, nb, block, d)
     heads = torch.arange(b, device=q.device)[:, None] * hkv + torch.arange(h, device=q.device) // (h // hkv)
     base = (heads * nb)[:, :, None, None]  # [B, H, 1, 1] first block of each query head's K/V head
     out = q.new_zeros(b, h, nb, block, d)
@@ -152,23 +162,24 @@ def gathered(
         lin = (base + idx.clamp(min=0)).reshape(-1)
         kg = kb.index_select(0, lin).view(b, h * r, w * block, d)
         vg = vb.index_select(0, lin).view(b, h * r, w * block, d)
-        mask = _chunk_mask(idx, counts, r0, r1, n, block, causal, bias, q.dtype)
+        mask = _chunk_mask(idx, counts, r0, r1, n, block, causal, bias, valid, q.dtype)
         if mask is not None:
-            mask = mask.reshape(b, h * r, block, w * block)
-        o = F.scaled_dot_product_attention(
-            qb[:, :, r0:r1].reshape(b, h * r, block, d), kg, vg, attn_mask=mask, scale=scale
-        )
-        if bool((counts == 0).any()):
+            mask = mask.reshape(b, h * r, mask.shape[3], w * block)
+        qc = qb[:, :, r0:r1].reshape(b, h * r, block, d)
+        o = F.scaled_dot_product_attention(qc, kg, vg, attn_mask=mask, scale=scale)
+        if mask is not None:  # rows with no visible key: 0, as the reference
             o = o.nan_to_num(nan=0.0)
         out[:, :, r0:r1] = o.view(b, h, r, block, d)
     return out.view(b, h, nb * block, d)[:, :, :n]
 
 
-def triton_ok(q: torch.Tensor, bias, block: int) -> bool:
-    """Whether the Triton kernel can run this call: CUDA, no bias beyond the causal mask, its block sizes."""
+def triton_ok(q: torch.Tensor, bias, valid, block: int) -> bool:
+    """Whether the Triton kernel can run this call: CUDA, no mask beyond the causal one, its block sizes."""
     from edgecompress.kernels.ops import HAS_TRITON, INTERPRET
 
-    return HAS_TRITON and q.is_cuda and not INTERPRET and bias is None and block in BLOCK_SIZES
+    return (
+        HAS_TRITON and q.is_cuda and not INTERPRET and bias is None and valid is None and block in BLOCK_SIZES
+    )
 
 
 def triton(q, k, v, keep, causal: bool, scale: float, block: int) -> torch.Tensor:
@@ -196,6 +207,8 @@ def pooled_truth(q, k, v, bias, causal: bool, scale: float, block: int, valid=No
         s = s + additive(bias, s.dtype)
     if causal:
         s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if valid is not None:
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = s.softmax(-1).nan_to_num(nan=0.0)  # [B, H, N, N]
     out = (p @ v.repeat_interleave(group, dim=1).float()).to(q.dtype)
     if valid is not None:  # padding queries and keys are no part of the target
