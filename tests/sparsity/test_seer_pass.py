@@ -54,7 +54,11 @@ def _text_batches(n_batches=2, batch=4, seq=97, vocab=100, seed=0):
 
 def _run(loaded, batches, steps=2, **fields):
     ctx = make_context(
-        batches, loaded.call, torch.device("cpu"), kind=loaded.kind, train=TrainConfig(steps=steps, batch_size=4)
+        batches,
+        loaded.call,
+        torch.device("cpu"),
+        kind=loaded.kind,
+        train=TrainConfig(steps=steps, batch_size=4),
     )
     passes = recipe_from_dict({"passes": [{"pass": "seer_attention", "block": 16, **fields}]}).passes
     torch.manual_seed(0)
@@ -84,7 +88,9 @@ def test_pass_on_a_tiny_bert_with_padding(tiny_bert, tmp_path):
     model, records = _run(tiny_bert, batches)
     cores = _cores(model)
     assert set(cores) == {f"encoder.layer.{i}.attention.self" for i in range(2)}
-    assert all(isinstance(c, SeerAttentionCore) and not c.causal and c.gate.kv_heads == 4 for c in cores.values())
+    assert all(
+        isinstance(c, SeerAttentionCore) and not c.causal and c.gate.kv_heads == 4 for c in cores.values()
+    )
     info = records[0]["info"]
     assert info["training"]["steps"] == 2 and info["training"]["final_loss"] >= 0
     for name, layer in info["seer"]["layers"].items():  # 97 tokens: 7 blocks of 16
@@ -115,14 +121,20 @@ def test_pass_on_a_tiny_llama_with_gqa_rope_and_causal_masks(tmp_path):
         assert core.causal and (core.gate.heads, core.gate.kv_heads, core.gate.head_dim) == (4, 2, 8)
         assert torch.equal(core.gate.inv_freq, rotary)
     captured = {}
-    hook = cores["model.layers.1.self_attn"].register_forward_pre_hook(lambda m, a, kw: captured.update(kw=kw, a=a), with_kwargs=True)
+    hook = cores["model.layers.1.self_attn"].register_forward_pre_hook(
+        lambda m, a, kw: captured.update(kw=kw, a=a), with_kwargs=True
+    )
     with torch.no_grad():
         loaded.call(model.eval(), batches[0])
     hook.remove()
     q, k = captured["a"][:2]
     assert captured["kw"]["positions"] is not None  # the decoder's position_ids reached the gate
     keep, allowed = cores["model.layers.1.self_attn"].choose(q, k, None, captured["kw"]["positions"])
-    assert not keep.triu(1).any() and keep.diagonal(dim1=-2, dim2=-1).all() and keep[:, :, -2:].sum() == 4 * 4 * 13
+    assert (
+        not keep.triu(1).any()
+        and keep.diagonal(dim1=-2, dim2=-1).all()
+        and keep[:, :, -2:].sum() == 4 * 4 * 13
+    )
     assert 0.3 <= records[0]["info"]["seer"]["density"] < 1.0
     _restores(model, records, loaded, batches[0], tmp_path)
     dense, _ = _run(loaded, batches, density=1.0)
@@ -137,7 +149,10 @@ def test_training_lowers_the_held_out_kl_on_minilm():
     from edgecompress.data.specs import load_samples
 
     loaded = load_model("demo:minilm")
-    sets = {"train": load_samples("text", loaded, "train", 48, 8), "eval": load_samples("text", loaded, "test", 16, 16)}
+    sets = {
+        "train": load_samples("text", loaded, "train", 48, 8),
+        "eval": load_samples("text", loaded, "test", 16, 16),
+    }
     ctx = make_context(
         [sets["eval"].batch(slice(0, 2))], loaded.call, torch.device("cpu"), kind="encoder",
         data=lambda s: sets[s], train=TrainConfig(steps=12, batch_size=8),
@@ -151,7 +166,9 @@ def test_training_lowers_the_held_out_kl_on_minilm():
 
 def test_uniform_ptq_after_seer_quantizes_around_the_sparse_core(tiny_bert, tmp_path):
     batches = _text_batches(seed=2)
-    ctx = make_context(batches, tiny_bert.call, torch.device("cpu"), kind="encoder", train=TrainConfig(steps=2, batch_size=4))
+    ctx = make_context(
+        batches, tiny_bert.call, torch.device("cpu"), kind="encoder", train=TrainConfig(steps=2, batch_size=4)
+    )
     entries = [{"pass": "seer_attention", "block": 16}, {"pass": "uniform_ptq"}]
     torch.manual_seed(0)
     model, records = run(copy.deepcopy(tiny_bert.model), recipe_from_dict({"passes": entries}).passes, ctx)

@@ -8,12 +8,15 @@ beyond that (``None``: none; :func:`simplify_bias` splits the model's mask into 
 kept key outputs zeros.
 
 * :func:`masked_dense` — the reference (oracle): every score computed, the dropped blocks masked;
-* :func:`gathered` — the CPU form that skips the work: per chunk of query blocks, the kept K/V
-  blocks are gathered (one ``index_select`` each) and the chunk runs PyTorch's fused
-  ``scaled_dot_product_attention`` (its CPU flash kernel) against them, with an element mask only
-  where one is needed (the causal diagonal, a partial last block, padding, a bias). Cost: the
-  kept blocks' FLOPs plus one copy of their K/V. Chosen over per-block matmuls with an explicit
-  softmax and over FlexAttention compiled for the CPU, measured in ``benchmarks/seer.py``;
+* :func:`gathered` — the CPU form that skips the work: per chunk of query blocks (a cache-sized
+  chunk, into buffers allocated once per call), the kept K/V blocks are gathered (one
+  ``index_select`` each) and the chunk runs PyTorch's fused CPU flash-attention kernel against
+  them, with a mask only where one is needed (a partial last block, padding, a bias). Decoders run
+  each row's diagonal block apart with the kernel's own causal mask and merge the two parts by
+  their log-sum-exp, so no query-dependent mask is built. Cost: the kept blocks' FLOPs plus one copy
+  of their K/V (2/block bytes per FLOP: on a memory-contended CPU the copy is what limits it). Chosen
+  over per-block matmuls with an explicit softmax and over FlexAttention compiled for the CPU
+  (``benchmarks/seer.py --parts forms``);
 * the Triton kernel :func:`edgecompress.kernels.block_sparse_attention` (index-list masks: a skipped
   block costs nothing) on CUDA, where there is no bias beyond the causal mask;
 * :func:`dense` — PyTorch SDPA, for sequences below the pass's ``min_seq_len`` and rows that keep
@@ -33,7 +36,7 @@ from edgecompress.kernels.inputs import BLOCK_SIZES, block_mask_to_index
 from edgecompress.kernels.reference import element_mask
 from edgecompress.sparsity.seer.gate import num_blocks
 
-GATHER_BYTES = 64 << 20  # gathered K and V per chunk of query blocks
+GATHER_BYTES = 16 << 20  # gathered K and V per chunk of query blocks (cache-sized; buffers reused)
 
 
 def additive(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -138,37 +141,102 @@ def _chunk_mask(idx, counts, r0, r1, n, block, causal, bias, valid, dtype):
     return additive(vals, dtype).masked_fill(~ok, float("-inf"))
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend(q, k, v, mask, causal: bool, scale: float):
+    """``(out, logsumexp)`` of softmax attention: PyTorch's fused CPU flash kernel (which returns the
+    row log-sum-exp), else explicit matmuls. Rows with no visible key give out 0 (their lse is unused)."""
+    if _FLASH_CPU is not None and q.device.type == "cpu":
+        return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    lse = s.logsumexp(-1)
+    return (s - lse[..., None]).exp().nan_to_num(nan=0.0) @ v, lse
+
+
+def _merge(o1, l1, has1, o2, l2, has2):
+    """Softmax over the union of two disjoint key sets from each part's output and log-sum-exp."""
+    l1 = l1.masked_fill(~has1, float("-inf"))
+    l2 = l2.masked_fill(~has2, float("-inf"))
+    m = torch.maximum(l1, l2)
+    m = torch.where(m.isfinite(), m, 0.0)
+    w1, w2 = (l1 - m).exp()[..., None], (l2 - m).exp()[..., None]
+    return (o1 * w1 + o2 * w2) / (w1 + w2).clamp(min=1e-30)
+
+
+def _diagonal_part(qc, kb5, vb5, head, r0, r1, n, valid, scale):
+    """Each query block against its own key block, causal inside it: ``(out, lse)`` ``[B, H*R, bs, ...]``."""
+    b, hr, block, d = qc.shape
+    kd = kb5[:, head, r0:r1].reshape(b, hr, block, d)  # [B, H*R, bs, D] (GQA: the query head's K/V head)
+    vd = vb5[:, head, r0:r1].reshape(b, hr, block, d)
+    if valid is None:  # keys past N sit after every real query: the causal mask hides them
+        return _attend(qc, kd, vd, None, True, scale)
+    kpos = torch.arange(r0 * block, r1 * block, device=qc.device)
+    ok = F.pad(valid, (0, kb5.shape[2] * block - valid.shape[1]))[:, kpos].view(b, 1, r1 - r0, 1, block)
+    ok = ok & torch.ones(block, block, dtype=torch.bool, device=qc.device).tril()
+    mask = torch.zeros(ok.shape, dtype=qc.dtype, device=qc.device).masked_fill(~ok, float("-inf"))
+    mask = mask.expand(b, hr // (r1 - r0), r1 - r0, block, block).reshape(b, hr, block, block)
+    return _attend(qc, kd, vd, mask, False, scale)
+
+
 def gathered(
     q, k, v, keep, bias, causal: bool, scale: float, block: int, valid=None, budget: int = GATHER_BYTES
 ) -> torch.Tensor:
-    """CPU form: per chunk of query blocks, SDPA against the gathered kept K/V blocks (module docstring)."""
+    """CPU form: per chunk of query blocks, SDPA against the gathered kept K/V blocks (module docstring).
+
+    Decoders without a bias run each row's diagonal block apart (causal inside it) and merge it with the
+    row's other blocks by their log-sum-exp, so no query-dependent mask is built. Under autograd (a later
+    pass training through the core) the masked-dense form runs instead."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return masked_dense(q, k, v, keep, bias, causal, scale, block, valid)
     b, h, n, d = q.shape
     hkv, nb = k.shape[1], num_blocks(n, block)
     pad = nb * block - n
-    index = block_mask_to_index(keep, causal)  # ascending kept blocks per row, -1 padded
+    split = causal and bias is None
+    eye = torch.eye(nb, dtype=torch.bool, device=q.device)
+    diag = (keep & eye).any(-1) if split else None  # [B, H, nb]
+    index = block_mask_to_index(keep & ~eye if split else keep, causal)  # ascending kept blocks, -1 padded
     widths = index.counts.amax(dim=(0, 1)).tolist()  # [nb] (one host sync)
     kb, vb, qb = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (k, v, q))
-    kb, vb = kb.reshape(b * hkv * nb, block, d), vb.reshape(b * hkv * nb, block, d)
+    kb5, vb5 = kb.reshape(b, hkv, nb, block, d), vb.reshape(b, hkv, nb, block, d)
+    kb, vb = kb5.reshape(b * hkv * nb, block, d), vb5.reshape(b * hkv * nb, block, d)
     qb = qb.reshape(b, h, nb, block, d)
-    heads = torch.arange(b, device=q.device)[:, None] * hkv + torch.arange(h, device=q.device) // (h // hkv)
-    base = (heads * nb)[:, :, None, None]  # [B, H, 1, 1] first block of each query head's K/V head
+    head = torch.arange(h, device=q.device) // (h // hkv)
+    base = ((torch.arange(b, device=q.device)[:, None] * hkv + head) * nb)[:, :, None, None]  # [B, H, 1, 1]
     out = q.new_zeros(b, h, nb, block, d)
     per_slot = 2 * b * h * block * d * q.element_size()
-    for r0, r1, w in _row_chunks(widths, per_slot, budget):
-        if w == 0:
-            continue
+    chunks = _row_chunks(widths, per_slot, budget)
+    slots = max([b * h * (r1 - r0) * w for r0, r1, w in chunks] + [1])
+    kbuf, vbuf = (
+        q.new_empty(slots, block, d),
+        q.new_empty(slots, block, d),
+    )  # reused: no page faults per chunk
+    for r0, r1, w in chunks:
         r = r1 - r0
-        idx, counts = index.indices[:, :, r0:r1, :w], index.counts[:, :, r0:r1]
-        lin = (base + idx.clamp(min=0)).reshape(-1)
-        kg = kb.index_select(0, lin).view(b, h * r, w * block, d)
-        vg = vb.index_select(0, lin).view(b, h * r, w * block, d)
-        mask = _chunk_mask(idx, counts, r0, r1, n, block, causal, bias, valid, q.dtype)
-        if mask is not None:
-            mask = mask.reshape(b, h * r, mask.shape[3], w * block)
         qc = qb[:, :, r0:r1].reshape(b, h * r, block, d)
-        o = F.scaled_dot_product_attention(qc, kg, vg, attn_mask=mask, scale=scale)
-        if mask is not None:  # rows with no visible key: 0, as the reference
-            o = o.nan_to_num(nan=0.0)
+        counts = index.counts[:, :, r0:r1]
+        if w:
+            idx = index.indices[:, :, r0:r1, :w]
+            lin = (base + idx.clamp(min=0)).reshape(-1)
+            kg = torch.index_select(kb, 0, lin, out=kbuf[: lin.numel()]).view(b, h * r, w * block, d)
+            vg = torch.index_select(vb, 0, lin, out=vbuf[: lin.numel()]).view(b, h * r, w * block, d)
+            mask = _chunk_mask(idx, counts, r0, r1, n, block, causal and not split, bias, valid, q.dtype)
+            if mask is not None:
+                mask = mask.reshape(b, h * r, mask.shape[3], w * block)
+        if not split:
+            o = _attend(qc, kg, vg, mask, False, scale)[0] if w else qc.new_zeros(qc.shape)
+        else:
+            od, ld = _diagonal_part(qc, kb5, vb5, head, r0, r1, n, valid, scale)
+            has_d = diag[:, :, r0:r1].reshape(b, h * r, 1)
+            if w:
+                o_r, l_r = _attend(qc, kg, vg, mask, False, scale)
+                o = _merge(o_r, l_r, (counts > 0).reshape(b, h * r, 1), od, ld, has_d)
+            else:
+                o = od * has_d[..., None]
         out[:, :, r0:r1] = o.view(b, h, r, block, d)
     return out.view(b, h, nb * block, d)[:, :, :n]
 

@@ -177,6 +177,7 @@ class SeerAttention:
     def _train(self, model: nn.Module, cores: dict, ctx: Context) -> dict:
         cfg = ctx.train.override(steps=self.steps, lr=self.lr, batch_size=self.batch_size)
         objective = _Objective(model, list(cores.values()), ctx.call, self.skip_first_rows)
+        objective.train(model.training)  # fit restores the wrapper's mode, and with it the model's
         params = [p for c in cores.values() for p in c.gate.parameters()]
         with collecting(cores.values()):
             res = fit(objective, lambda m, b: m(b), ctx.batches("train"), cfg, params=params, device=ctx.device,
