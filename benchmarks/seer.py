@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # seer_quality beside this script
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 from edgecompress.sparsity.seer import execute as X  # noqa: E402
 from edgecompress.sparsity.seer.gate import allowed_blocks  # noqa: E402
@@ -60,6 +61,16 @@ def _args(argv):
     p.add_argument("--lm-steps", type=int, default=40)
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
+
+
+def sibling(name: str):
+    """A module of this folder, loaded by path (the folder is not on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def machine() -> str:
@@ -255,8 +266,7 @@ def main(argv=None):
         rows, extra = forms(args)
         save_part(args.out, "forms", rows, extra)
     if "minilm" in args.parts or "lm" in args.parts:
-        from seer_quality import run_quality
-
+        run_quality = sibling("seer_quality").run_quality
         run_quality(args, save_part)
 
 

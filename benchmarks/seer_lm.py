@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from seer_quality import token_stream  # noqa: E402
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
 def main(argv=None):
@@ -43,6 +42,13 @@ def main(argv=None):
 
     tok_dir = str(minilm_dir())
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    from edgecompress.data.text import builtin_texts
+
+    def token_stream(tokenizer, split):  # as benchmarks/seer_quality.py: the built-in text, one stream
+        texts = builtin_texts()
+        chosen = texts[: len(texts) // 2] if split == "train" else texts[len(texts) // 2 :]
+        return [t for row in tokenizer(chosen, add_special_tokens=False)["input_ids"] for t in row]
+
     streams = {s: token_stream(tok, s) for s in ("train", "test")}
     used = sorted(set(streams["train"]) | set(streams["test"]))
     mapping = {t: i for i, t in enumerate(used)}

@@ -1,6 +1,7 @@
 """SeerAttention (Gao et al., "SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs",
-arXiv 2410.13276 v4; official code microsoft/SeerAttention, a per-architecture Llama/Qwen fork with
-CUDA-only kernels).
+arXiv 2410.13276, as summarised in ../shared/METHODS.md §6 — the paper's text was not read here; the
+official code microsoft/SeerAttention at aba03e3 was: a per-architecture Llama/Qwen fork with CUDA-only
+kernels, whose prefill gate ``Qavg_Kmaxminavg`` this follows).
 
 The ``seer_attention`` pass puts a :class:`~.core.SeerAttentionCore` into the core slot of every
 targeted attention adapter (:mod:`edgecompress.models.attention`: timm ViT/DeiT/EVA/BEiT/Swin and

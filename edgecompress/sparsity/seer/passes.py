@@ -89,7 +89,7 @@ def _num(v) -> bool:
 @register_pass
 @dataclass(frozen=True)
 class SeerAttention:
-    """SeerAttention (arXiv 2410.13276 v4): learned block-sparse attention; see :mod:`edgecompress.sparsity.seer`."""
+    """SeerAttention (arXiv 2410.13276; code microsoft/SeerAttention aba03e3): learned block-sparse attention; see :mod:`edgecompress.sparsity.seer`."""
 
     name: ClassVar[str] = "seer_attention"
     family: ClassVar[str] = "dynamic"
