@@ -77,15 +77,19 @@ def machine() -> str:
     return os.environ.get("EDGE_MACHINE", "xeon-amx")
 
 
+RUN_DATE = os.environ.get("EDGE_RUN_DATE", "2026-12-05")  # the project's session date (results file name)
+
+
 def result_path(out: Path) -> Path:
-    return out / f"seer-{machine()}-{datetime.date.today().isoformat()}.json"
+    return out / f"seer-{machine()}-{RUN_DATE}.json"
 
 
 def save_part(out: Path, part: str, rows, extra: dict | None = None) -> Path:
     path = result_path(out)
     doc = json.loads(path.read_text()) if path.is_file() else {}
     doc.update(
-        machine=machine(), cpu=platform.processor() or platform.machine(), date=datetime.date.today().isoformat(),
+        machine=machine(), cpu=platform.processor() or platform.machine(), date=RUN_DATE,
+        clock=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__, threads=torch.get_num_threads(),
     )  # fmt: skip
     doc.setdefault("parts", {})[part] = {
