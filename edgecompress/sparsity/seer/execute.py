@@ -14,9 +14,10 @@ kept key outputs zeros.
   them, with a mask only where one is needed (a partial last block, padding, a bias). Decoders run
   each row's diagonal block apart with the kernel's own causal mask and merge the two parts by
   their log-sum-exp, so no query-dependent mask is built. Cost: the kept blocks' FLOPs plus one copy
-  of their K/V (2/block bytes per FLOP: on a memory-contended CPU the copy is what limits it). Chosen
-  over per-block matmuls with an explicit softmax and over FlexAttention compiled for the CPU
-  (``benchmarks/seer.py --parts forms``);
+  of their K/V (2/block bytes per FLOP). Measured on the 2-core Xeon (``benchmarks/seer.py``): slower
+  than SDPA except near 10 % density; in one ``forms`` run FlexAttention compiled for the CPU was
+  2.7× SDPA at 30 % density and this form 0.53× (a re-run moved both gathers by 5×: a loaded
+  machine), so replacing this form with FlexAttention is the open next step;
 * the Triton kernel :func:`edgecompress.kernels.block_sparse_attention` (index-list masks: a skipped
   block costs nothing) on CUDA, where there is no bias beyond the causal mask;
 * :func:`dense` — PyTorch SDPA, for sequences below the pass's ``min_seq_len`` and rows that keep
