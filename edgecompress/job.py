@@ -20,7 +20,7 @@ from edgecompress.models.loading import LoadedModel
 from edgecompress.pipeline import make_teacher, run
 from edgecompress.quantize.modules import deployed_size_bytes
 from edgecompress.recipe import SECTION_DEFAULTS, Recipe, dump_recipe, recipe_to_dict, train_config
-from edgecompress.report import report_markdown
+from edgecompress.report import report_figures, report_markdown
 from edgecompress.structure import save, structure_of
 
 TOKENIZER_FILES = (
@@ -272,6 +272,7 @@ def compress(
         "environment": environment(),
     }
     files = {"recipe.yaml": dump_recipe(recipe), "report.json": report, "report.md": report_markdown(report)}
+    files.update(report_figures(report))
     stage = None
     if export_sec is not None or bench_sec is not None:
         report["deploy_sections"] = {"export": export_sec, "bench": bench_sec, "implicit": implicit}

@@ -45,6 +45,7 @@ BUILTIN_PASS_MODULES = (
     "edgecompress.sparsity.nm",
     "edgecompress.sparsity.acm",
     "edgecompress.prune",
+    "edgecompress.sparsity.seer",
 )
 
 

@@ -87,6 +87,7 @@ def report_markdown(report: dict) -> str:
         lines += [f"## pass `{rec['pass']}` ({rec['seconds']} s)", ""]
         lines += [f"- {note}" for note in rec.get("notes", [])]
         lines += _acm_lines(rec.get("info", {}).get("acm"))
+        lines += _seer_lines(rec.get("info", {}).get("seer"))
         lines += ["", "| " + " | ".join(LAYER_COLUMNS) + " |", "|" + "---|" * len(LAYER_COLUMNS)]
         lines += ["| " + " | ".join(map(str, layer_row(r))) + " |" for r in rec["layers"]]
         lines.append("")
@@ -110,3 +111,61 @@ def _acm_lines(acm: dict | None) -> list[str]:
         shares = [f"{100 * c / tokens:.1f}%" for c in v["k_counts"]]
         lines.append("| " + " | ".join([name, *shares, f"{v['fraction']:.3f}"]) + " |")
     return lines
+
+
+SEER_HEATMAP = "seer_heatmap.png"
+
+
+def _seer_lines(seer: dict | None) -> list[str]:
+    """SeerAttention's kept blocks per layer and head on the eval data, and the gates' held-out KL."""
+    if not seer:
+        return []
+    kl = seer["kl_held_out"]
+    lines = [
+        "",
+        f"Kept attention blocks (eval data): {seer['density']:.3f}; held-out KL(truth ‖ gate) "
+        f"{kl['before']} before training, {kl['after']} after.",
+        "",
+        "| layer | kept | per head |",
+        "|---|---|---|",
+    ]
+    for name, v in seer["layers"].items():
+        lines.append(f"| {name} | {v['density']:.3f} | {' '.join(f'{d:.2f}' for d in v['heads'])} |")
+    heat = seer.get("heatmap")
+    if heat:
+        lines += ["", f"![{heat['layer']}: gate vs ground truth]({SEER_HEATMAP})"]
+    return lines
+
+
+def report_figures(report: dict) -> dict[str, bytes]:
+    """PNG files that go beside report.md: SeerAttention's gate-vs-target heat map (with matplotlib)."""
+    for rec in report["passes"]:
+        heat = rec.get("info", {}).get("seer", {}).get("heatmap")
+        if heat:
+            png = seer_heatmap_png(heat)
+            return {} if png is None else {SEER_HEATMAP: png}
+    return {}
+
+
+def seer_heatmap_png(heat: dict, title: str = "") -> bytes | None:
+    """A heat map of one layer's gate distribution (left) and its target (right) over (query, key)
+    blocks; None without matplotlib."""
+    import io
+
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend change
+    except ImportError:
+        return None
+    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    top = max(max(map(max, heat["gate"])), max(map(max, heat["truth"])), 1e-9)
+    for ax, key, label in ((axes[0], "gate", "AttnGate"), (axes[1], "truth", "ground truth (pooled max)")):
+        im = ax.imshow(heat[key], cmap="viridis", vmin=0.0, vmax=top)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query block")
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.suptitle(title or f"{heat['layer']}: block scores, mean over heads", fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

@@ -242,8 +242,8 @@ def tensor_shapes(model: nn.Module) -> dict[str, dict]:
 def save(
     model: nn.Module,
     out_dir: str | Path,
-    files: dict[str, str | dict],
-    extra: Callable[[Path], dict[str, str | dict]] | None = None,
+    files: dict[str, str | dict | bytes],
+    extra: Callable[[Path], dict[str, str | dict | bytes]] | None = None,
 ) -> Path:
     """Write ``model.safetensors``, ``structure.json`` and ``files`` to ``out_dir`` atomically.
 
@@ -273,6 +273,9 @@ def save(
         if extra is not None:
             files = {**files, **extra(tmp)}
         for fname, content in files.items():
+            if isinstance(content, bytes):  # a figure
+                (tmp / fname).write_bytes(content)
+                continue
             text = content if isinstance(content, str) else json.dumps(content, indent=1, default=str)
             (tmp / fname).write_text(text)
         for f in tmp.rglob("*"):  # some writers (safetensors) create private files

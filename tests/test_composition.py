@@ -36,6 +36,7 @@ QUICK = {  # fields per pass that keep a run to seconds on a tiny model
     "step": {"steps": 4, "t_max": 2},
     "acm": {"distill_steps": 2, "gate_steps": 2},
     "prune_structured": {"curve_points": 3, "budget": {"params": 0.3}},
+    "seer_attention": {"block": 16, "keep_first": False},  # 17 ViT tokens: 2 blocks, 1 kept per row
 }
 PAIRS = list(itertools.product(sorted(PASSES), repeat=2))
 

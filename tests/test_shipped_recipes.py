@@ -53,7 +53,7 @@ def test_shipped_recipe_runs_on_tiny_vit(path, tmp_path, capsys):
     dynamic = [p["info"]["acm"] for p in report["passes"] if "acm" in p["info"]]
     if dynamic:  # ACM saves compute, not bytes (it adds the gates): the executed fraction is measured
         assert all(0 <= d["mean_fraction"] <= 1 for d in dynamic) and len(dynamic[0]["layers"]) == 2
-    else:
+    elif any(p["pass"] != "seer_attention" for p in sections["passes"]):  # its gates add weights, skip compute
         assert report["size_bytes"]["compressed"] < report["size_bytes"]["baseline"]
     assert (out / "model.safetensors").stat().st_size > 0
     # ... and the compressed folder exports: full ONNX checker, then ORT against PyTorch

@@ -132,7 +132,8 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     form, counts = to_export_form(loaded.model, ExportOptions(target, dtype))
     module = GraphModule(loaded, form).eval()
-    example = synthetic(loaded, max(batch, 2) if dynamic_batch else batch, seq=16)
+    seq = max([16] + [getattr(m, "TRACE_MIN_SEQ", 0) for m in form.modules()])  # a form may need a longer trace
+    example = synthetic(loaded, max(batch, 2) if dynamic_batch else batch, seq=seq)
     names, out = input_names(loaded), output_name(loaded)
     axes, shapes = _dynamic(loaded, dynamic_batch)
     used, reason = "dynamo", None

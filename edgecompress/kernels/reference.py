@@ -34,7 +34,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> torch.Tensor:
     return (q.to(ct) @ k.to(ct).transpose(-1, -2)) * sm_scale  # [B, H, N, N]
 
 
-def _element_mask(block_mask: torch.Tensor, n: int, block: int, causal: bool) -> torch.Tensor:
+def element_mask(block_mask: torch.Tensor, n: int, block: int, causal: bool) -> torch.Tensor:
     """Expand a [B, H, nQ, nK] block mask to [B, H, N, N] and apply the causal mask."""
     mask = block_mask.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
     mask = mask[..., :n, :n]  # [B, H, N, N]
@@ -70,7 +70,7 @@ def block_sparse_attention(
     check_block_mask(block_mask, b, h, n, block, q.device)
     if isinstance(block_mask, BlockIndex):
         block_mask = index_to_block_mask(block_mask, num_blocks(n, block))
-    mask = _element_mask(block_mask, n, block, causal)  # [B, H, N, N]
+    mask = element_mask(block_mask, n, block, causal)  # [B, H, N, N]
     return _masked_attention(q, k, v, mask, resolve_scale(sm_scale, d))[0]
 
 

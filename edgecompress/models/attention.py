@@ -4,7 +4,8 @@ timm and Hugging Face fuse attention into ``scaled_dot_product_attention``; PTQ 
 of both matmuls and SeerAttention needs to replace the kernel. :class:`AttentionAdapter` is the
 common form: it receives per-head ``q, k, v`` (``[B, H, N, D]``; K/V may have fewer heads),
 runs them through the slots ``q``, ``k``, ``v`` (:class:`~edgecompress.models.slots.Chain`) and
-hands them to its ``core``. :class:`DenseAttentionCore` computes ``softmax(q kᵀ · scale + bias)``,
+hands them to its ``core`` (with the decoder's ``position_ids`` when the core says
+``TAKES_POSITIONS``). :class:`DenseAttentionCore` computes ``softmax(q kᵀ · scale + bias)``,
 the ``probs`` slot, then ``· v``. A pass that replaces the core (a swap of ``<adapter>.core``)
 leaves the slots alone; a core that computes the softmax inside a fused kernel says so with
 ``SUPPORTS_PROBS = False`` and a later PTQ pass quantizes q, k, v around it.
@@ -72,8 +73,10 @@ class AttentionAdapter(nn.Module):
             setattr(self, name, Chain(role))
         self.core: nn.Module = DenseAttentionCore()
 
-    def forward(self, q, k, v, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, bias: torch.Tensor | None, scale: float, positions=None) -> torch.Tensor:
         q, k, v = self.q(q), self.k(k), self.v(v)  # [B, H, N, D], [B, Hkv, M, D]
+        if positions is not None and getattr(self.core, "TAKES_POSITIONS", False):
+            return self.core(q, k, v, bias, scale, self.probs, positions=positions)  # RoPE-aware cores
         return self.core(q, k, v, bias, scale, self.probs)
 
 
@@ -202,7 +205,7 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
     mask = attention_mask
     if mask is not None and mask.dim() == 4 and mask.shape[-1] != key.shape[-2]:
         mask = mask[..., : key.shape[-2]]
-    out = module.ec_attn(query, key, value, mask, scale)  # [B, H, N, D]
+    out = module.ec_attn(query, key, value, mask, scale, kwargs.get("position_ids"))  # [B, H, N, D]
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -6,7 +6,8 @@
   folded, integer weight codes (INT8 or UINT8) where its input is INT8 Q/DQ;
 * :mod:`.embedding` — :class:`~edgecompress.models.slots.SlotEmbedding` as a Gather of INT8 codes;
 * :mod:`.lut` — log2 / log√2 / AdaLog / TanQ as code computation + table lookup;
-* :mod:`.acm` — Adaptive Computation Modules with the gate in the graph, learners masked.
+* :mod:`.acm` — Adaptive Computation Modules with the gate in the graph, learners masked;
+* :mod:`.seer` — SeerAttention cores with the gate and the block mask in the graph, attention masked.
 
 Modules without a form export as their own ``forward`` (a faithful float subgraph).
 """
@@ -17,7 +18,7 @@ import copy
 
 from torch import nn
 
-from edgecompress.export.forms import acm, embedding, linear, lut, uniform  # noqa: F401  (register their forms)
+from edgecompress.export.forms import acm, embedding, linear, lut, seer, uniform  # noqa: F401  (register their forms)
 from edgecompress.export.forms.linear import QDQLinear
 from edgecompress.export.forms.registry import (
     CATEGORIES,

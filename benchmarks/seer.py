@@ -1,0 +1,278 @@
+"""SeerAttention on CPU: quality vs density against baselines, and the CPU block-sparse form's speed.
+
+    python benchmarks/seer.py [--parts speed forms minilm lm] [--threads 2] [--lm-dir DIR]
+
+Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs beside it):
+
+* ``speed`` — the gathered CPU form (:func:`edgecompress.sparsity.seer.execute.gathered`) against
+  PyTorch SDPA (dense, its fused CPU kernel) at 4k/8k/16k tokens, 8 heads, head dim 64, batch 1,
+  float32, densities 1.0/0.5/0.3/0.1 (per-row top-k of random scores, diagonal and first block
+  forced, decoders' last 2 rows dense), causal and not. Each configuration alternates dense and
+  sparse calls in one process (``--reps`` each after a warm-up) and reports the ratio of medians.
+  At density 1.0 the core runs SDPA itself (every block kept), so that row is SDPA vs SDPA.
+* ``forms`` — at 4k tokens, density 0.3: the gathered form over SDPA against the same gather with
+  an explicit matmul + softmax, and against FlexAttention compiled for the CPU with the same block
+  mask (which form the core uses).
+* ``minilm`` — demo:minilm at 512 tokens (built-in texts concatenated): gates trained by the pass
+  on the train texts (held-out KL before/after), then mean embedding cosine and nearest-neighbour
+  agreement to the dense model on the test texts at densities 0.5/0.3/0.1 for the trained gates
+  and, at the same per-row budgets and forced blocks, a static local + global pattern, the oracle
+  top-k of the true pooled probabilities, and random blocks.
+* ``lm`` — the same comparison on a small Llama-style causal LM trained on the built-in text by
+  ``benchmarks/seer_lm.py`` (``--lm-dir``), as perplexity at 1024 and 2048 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+from edgecompress.sparsity.seer import execute as X  # noqa: E402
+from edgecompress.sparsity.seer.gate import allowed_blocks  # noqa: E402
+from edgecompress.sparsity.seer.masks import forced_blocks, select_blocks  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results"
+DENSITIES = (1.0, 0.5, 0.3, 0.1)
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", default=["speed", "forms", "minilm", "lm"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--minilm-steps", type=int, default=60)
+    p.add_argument("--lm-dir", type=Path, default=Path("/tmp/seer-lm"))
+    p.add_argument("--lm-steps", type=int, default=40)
+    p.add_argument("--out", type=Path, default=OUT)
+    return p.parse_args(argv)
+
+
+def sibling(name: str):
+    """A module of this folder, loaded by path (the folder is not on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def machine() -> str:
+    return os.environ.get("EDGE_MACHINE", "xeon-amx")
+
+
+RUN_DATE = os.environ.get("EDGE_RUN_DATE", "2026-12-05")  # the project's session date (results file name)
+
+
+def result_path(out: Path) -> Path:
+    return out / f"seer-{machine()}-{RUN_DATE}.json"
+
+
+def save_part(out: Path, part: str, rows, extra: dict | None = None) -> Path:
+    path = result_path(out)
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc.update(
+        machine=machine(), cpu=platform.processor() or platform.machine(), date=RUN_DATE,
+        clock=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__, threads=torch.get_num_threads(),
+    )  # fmt: skip
+    doc.setdefault("parts", {})[part] = {
+        "command": "python " + " ".join(sys.argv),
+        "loadavg": os.getloadavg(),
+        "rows": rows,
+        **(extra or {}),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+# ---- speed ---------------------------------------------------------------------------------------
+
+
+def random_keep(b, h, n, block, causal, density, seed=0, forced=True):
+    nb = -(-n // block)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, h, nb, nb, generator=g)
+    allowed = allowed_blocks(nb, causal, None, "cpu")
+    force = forced_blocks(nb, causal, forced, forced, 2 if forced else 0)
+    return select_blocks(logits, allowed, force, density, None), allowed
+
+
+def alternate(fns: dict, reps: int) -> dict:
+    """Median seconds of each function, called in turn ``reps`` times after one warm-up call each."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_config(q, k, v, keep, allowed, causal: bool, block: int, reps: int) -> dict:
+    """Dense SDPA and the core's sparse execution of ``keep``, alternated; seconds (medians)."""
+    d = q.shape[-1]
+    full = bool((keep == allowed.expand_as(keep)).all())
+
+    def sparse():
+        if full:  # what the core does when every allowed block is kept
+            return X.dense(q, k, v, None, causal, d**-0.5)
+        return X.gathered(q, k, v, keep, None, causal, d**-0.5, block)
+
+    return alternate({"dense": lambda: X.dense(q, k, v, None, causal, d**-0.5), "sparse": sparse}, reps)
+
+
+@torch.no_grad()
+def speed(args) -> list[dict]:
+    rows = []
+    d, block = 64, 64
+    for n in args.lengths:
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, args.heads, n, d, generator=g) for _ in range(3))
+        for causal in (False, True):
+            for density in DENSITIES:
+                keep, allowed = random_keep(1, args.heads, n, block, causal, density)
+                kept = float(keep.sum() / allowed.expand_as(keep).sum())
+                t = time_config(q, k, v, keep, allowed, causal, block, args.reps)
+                row = {
+                    "tokens": n, "heads": args.heads, "head_dim": d, "causal": causal, "density": density,
+                    "kept": round(kept, 4), "dense_s": round(t["dense"], 4), "sparse_s": round(t["sparse"], 4),
+                    "speedup": round(t["dense"] / t["sparse"], 3), "goal": round(0.8 / kept, 3),
+                }  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+# ---- forms ---------------------------------------------------------------------------------------
+
+
+def matmul_gathered(q, k, v, keep, block):
+    """The same gather, then an explicit matmul + softmax per chunk (non-causal, N a block multiple)."""
+    b, h, n, d = q.shape
+    nb = n // block
+    index = X.block_mask_to_index(keep)
+    w = int(index.counts.max())
+    kb, vb = k.reshape(b * h * nb, block, d), v.reshape(b * h * nb, block, d)
+    base = (torch.arange(b * h) * nb).view(b, h, 1, 1)
+    out = torch.empty_like(q)
+    for r0 in range(0, nb, 8):
+        r1 = min(nb, r0 + 8)
+        lin = (base + index.indices[:, :, r0:r1, :w].clamp(min=0)).reshape(-1)
+        kg = kb.index_select(0, lin).view(b, h * (r1 - r0), w * block, d)
+        vg = vb.index_select(0, lin).view(b, h * (r1 - r0), w * block, d)
+        qc = q[:, :, r0 * block : r1 * block].reshape(b, h * (r1 - r0), block, d)
+        s = (qc @ kg.transpose(-1, -2)) * d**-0.5
+        out[:, :, r0 * block : r1 * block] = (s.softmax(-1) @ vg).view(b, h, (r1 - r0) * block, d)
+    return out
+
+
+@torch.no_grad()
+def forms(args) -> list[dict]:
+    n, d, block, density = 4096, 64, 64, 0.3
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, args.heads, n, d, generator=g) for _ in range(3))
+    keep, _ = random_keep(1, args.heads, n, block, False, density, forced=False)  # equal counts per row
+    ref = X.masked_dense(q, k, v, keep, None, False, d**-0.5, block)
+    fns = {
+        "sdpa_dense": lambda: X.dense(q, k, v, None, False, d**-0.5),
+        "gathered_sdpa": lambda: X.gathered(q, k, v, keep, None, False, d**-0.5, block),
+        "gathered_matmul": lambda: matmul_gathered(q, k, v, keep, block),
+    }
+    errors = {name: float((f() - ref).abs().max()) for name, f in fns.items() if name != "sdpa_dense"}
+    flex_note = None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        nb = n // block
+        table = keep[0]
+
+        def mod(b_, h_, qi, ki):
+            return table[h_, qi // block, ki // block]
+
+        t0 = time.perf_counter()
+        bm = create_block_mask(mod, 1, args.heads, n, n, device="cpu", BLOCK_SIZE=block)
+        compiled = torch.compile(flex_attention)
+        errors["flex"] = float((compiled(q, k, v, block_mask=bm) - ref).abs().max())
+        flex_note = f"compile + first call {time.perf_counter() - t0:.1f} s; {nb} blocks"
+        fns["flex"] = lambda: compiled(q, k, v, block_mask=bm)
+    except Exception as e:  # the CPU inductor needs a compiler; record why it did not run
+        flex_note = f"FlexAttention did not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    t = alternate(fns, args.reps)
+    rows = [
+        {"form": name, "seconds": round(s, 4), "speedup_vs_dense": round(t["sdpa_dense"] / s, 3),
+         "max_abs_error": errors.get(name)}
+        for name, s in t.items()
+    ]  # fmt: skip
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows, {
+        "tokens": n,
+        "density": density,
+        "kept": round(float(keep.float().mean()), 4),
+        "flex": flex_note,
+    }
+
+
+def speed_png(rows: list[dict], path: Path) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, causal in zip(fig.subplots(1, 2), (False, True), strict=True):
+        for n in sorted({r["tokens"] for r in rows}):
+            pts = sorted(
+                (r["kept"], r["speedup"]) for r in rows if r["tokens"] == n and r["causal"] == causal
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{n} tokens")
+        xs = [i / 100 for i in range(8, 101)]
+        ax.plot(xs, [0.8 / x for x in xs], "k--", lw=0.8, label="goal 0.8 / density")
+        ax.plot(xs, [1 / x for x in xs], "k:", lw=0.8, label="1 / density")
+        ax.set_xlabel("kept fraction of the blocks")
+        ax.set_ylabel("speed-up over SDPA (dense)")
+        ax.set_yscale("log")
+        ax.set_title(("causal" if causal else "bidirectional") + f", {machine()}")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    args = _args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"threads {torch.get_num_threads()}, load {os.getloadavg()}", flush=True)
+    if "speed" in args.parts:
+        rows = speed(args)
+        path = save_part(
+            args.out, "speed", rows, {"method": f"alternating, median of {args.reps} after a warm-up"}
+        )
+        speed_png(rows, path.with_name(path.stem + "-speed.png"))
+    if "forms" in args.parts:
+        rows, extra = forms(args)
+        save_part(args.out, "forms", rows, extra)
+    if "minilm" in args.parts or "lm" in args.parts:
+        run_quality = sibling("seer_quality").run_quality
+        run_quality(args, save_part)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Quality parts of ``benchmarks/seer.py``: trained AttnGates against static, oracle and random block
+choices at equal per-row budgets, on demo:minilm (512 tokens) and a small Llama-style LM (1-2k tokens).
+
+Every method goes through the same :class:`~edgecompress.sparsity.seer.core.SeerAttentionCore`: only
+the scores fed to the block selection differ (``choose`` is replaced on the instance), so budgets,
+forced blocks and execution are identical:
+
+* ``seer`` — the trained gate;
+* ``static`` — local + global: minus the block distance (nearest blocks first, earlier on ties), the
+  first block forced as for every method;
+* ``oracle`` — the true pooled attention probabilities of this input (the gate's training target):
+  the upper bound of any block choice at that budget;
+* ``random`` — seeded random scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from edgecompress.calib import make_context
+from edgecompress.data.metrics import evaluate
+from edgecompress.data.samples import SampleSet
+from edgecompress.data.specs import Batches
+from edgecompress.data.text import builtin_texts
+from edgecompress.models.attention import adapters
+from edgecompress.models.loading import load_model
+from edgecompress.pipeline import run
+from edgecompress.recipe import recipe_from_dict
+from edgecompress.sparsity.seer import execute as X
+from edgecompress.sparsity.seer.masks import forced_blocks, select_blocks
+from edgecompress.sparsity.seer.report import density_table, recording
+from edgecompress.train import TrainConfig
+
+METHODS = ("seer", "static", "oracle", "random")
+DENSITIES = (0.5, 0.3, 0.1)
+
+
+def _scores(core, method: str, q, k, valid, positions):
+    nb = -(-q.shape[2] // core.block)
+    if method == "static":
+        i = torch.arange(nb, dtype=torch.float32)
+        return -(i[:, None] - i[None, :]).abs() - 1e-3 * i[None, :]
+    if method == "random":
+        return torch.randn(q.shape[0], q.shape[1], nb, nb, generator=torch.Generator().manual_seed(nb))
+    _, truth = X.pooled_truth(q, k, k, None, core.causal, core.gate.head_dim**-0.5, core.block, valid)
+    return truth.clamp(min=1e-30).log()
+
+
+def use_method(model, method: str) -> None:
+    """Make every core choose its blocks by ``method`` (``seer``: its own gate)."""
+    for _, a in adapters(model):
+        core = a.core
+        core.__dict__.pop("choose", None)
+        if method == "seer":
+            continue
+
+        def choose(self, q, k, valid=None, positions=None, method=method):
+            with torch.no_grad():
+                logits, allowed = self.gate(q, k, valid, positions, self.causal)  # allowed blocks only
+                scores = _scores(self, method, q, k, valid, positions).expand_as(logits)
+                nb = logits.shape[-1]
+                forced = forced_blocks(
+                    nb, self.causal, self.keep_diagonal, self.keep_first, self.dense_last_rows
+                )
+                return select_blocks(scores, allowed, forced, self.density, self.threshold), allowed
+
+        core.choose = types.MethodType(choose, core)
+
+
+def set_density(model, density: float) -> None:
+    for _, a in adapters(model):
+        a.core.density, a.core.threshold = density, None
+
+
+def token_stream(tokenizer, split: str) -> list[int]:
+    texts = builtin_texts()
+    half = len(texts) // 2
+    chosen = texts[:half] if split == "train" else texts[half:]
+    ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
+    return [t for row in ids for t in row]
+
+
+def windows(ids: list[int], length: int, count: int, cls=None, sep=None) -> dict:
+    """``count`` consecutive windows of ``length`` tokens (with [CLS]/[SEP] for an encoder)."""
+    inner = length - (2 if cls is not None else 0)
+    rows = []
+    for i in range(count):
+        chunk = ids[i * inner : (i + 1) * inner]
+        if len(chunk) < inner:
+            break
+        rows.append(([cls] if cls is not None else []) + chunk + ([sep] if sep is not None else []))
+    t = torch.tensor(rows)
+    return {
+        "input_ids": t,
+        "attention_mask": torch.ones_like(t),
+        **({"token_type_ids": torch.zeros_like(t)} if cls is not None else {}),
+    }
+
+
+def _batches(inputs: dict, size: int) -> list[dict]:
+    n = inputs["input_ids"].shape[0]
+    return [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, n, size)]
+
+
+def compare(loaded, model, test: dict, batch: int, reference, base_metrics: dict) -> list[dict]:
+    data = Batches(_batches(test, batch), None, "builtin-long", test["input_ids"].shape[0])
+    rows = []
+    for density in DENSITIES:
+        set_density(model, density)
+        for method in METHODS:
+            use_method(model, method)
+            cores = {n: a.core for n, a in adapters(model)}
+            t0 = time.perf_counter()
+            with recording(cores.values()):
+                metrics, _ = evaluate(loaded, model, data, reference=reference)
+            kept = density_table(cores)["density"]
+            row = {
+                "density": density,
+                "method": method,
+                "kept": kept,
+                **metrics,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            if "perplexity" in metrics:
+                row["dense_perplexity"] = base_metrics["perplexity"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    use_method(model, "seer")
+    return rows
+
+
+def train_gates(loaded, train: dict, test: dict, block: int, steps: int, batch: int):
+    sets = {"train": SampleSet(train, None, batch), "eval": SampleSet(test, None, batch)}
+    ctx = make_context(
+        [sets["eval"].batch(slice(0, 1))], loaded.call, torch.device("cpu"), kind=loaded.kind,
+        data=lambda s: sets[s], train=TrainConfig(steps=steps, batch_size=batch, warmup_steps=max(1, steps // 10), log_every=1),
+    )  # fmt: skip
+    passes = recipe_from_dict({"passes": [{"pass": "seer_attention", "block": block, "density": 0.5}]}).passes
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, records = run(copy.deepcopy(loaded.model), passes, ctx)
+    info = records[0]["info"]
+    return model, {"train_seconds": round(time.perf_counter() - t0, 1), "kl_held_out": info["seer"]["kl_held_out"],
+                   "losses": info["training"]["losses"], "heatmap": info["seer"]["heatmap"], "block": block, "steps": steps}  # fmt: skip
+
+
+def run_quality(args, save_part) -> None:
+    from transformers import AutoTokenizer
+
+    from edgecompress.report import seer_heatmap_png
+
+    if "minilm" in args.parts:
+        loaded = load_model("demo:minilm")
+        tok = AutoTokenizer.from_pretrained(loaded.tokenizer_dir, local_files_only=True)
+        train = windows(token_stream(tok, "train"), 512, 48, tok.cls_token_id, tok.sep_token_id)
+        test = windows(token_stream(tok, "test"), 512, 32, tok.cls_token_id, tok.sep_token_id)
+        data = Batches(_batches(test, 8), None, "builtin-long", test["input_ids"].shape[0])
+        base_metrics, reference = evaluate(loaded, loaded.model, data)
+        model, extra = train_gates(loaded, train, test, 32, args.minilm_steps, 8)
+        rows = compare(loaded, model, test, 8, reference, base_metrics)
+        extra.update(
+            tokens=512,
+            train_texts=int(train["input_ids"].shape[0]),
+            test_texts=int(test["input_ids"].shape[0]),
+        )
+        path = save_part(args.out, "minilm", rows, extra)
+        png = seer_heatmap_png(
+            extra["heatmap"], f"demo:minilm 512 tokens, {extra['heatmap']['layer']}: gate vs truth"
+        )
+        if png:
+            path.with_name(path.stem + "-minilm-heatmap.png").write_bytes(png)
+    if "lm" in args.parts:
+        lm_dir = Path(args.lm_dir)
+        loaded = load_model(f"hf:{lm_dir}")
+        meta = json.loads((lm_dir / "seer_lm.json").read_text())
+        mapping = {int(k): v for k, v in meta["vocab"].items()}
+        tok = AutoTokenizer.from_pretrained(meta["tokenizer"], local_files_only=True)
+        ids = {s: [mapping[t] for t in token_stream(tok, s) if t in mapping] for s in ("train", "test")}
+        train = windows(ids["train"], 1024, 24)
+        rows, extra = [], {"trained": meta}
+        model = None
+        for length in (1024, 2048):
+            test = windows(ids["test"], length, 8)
+            data = Batches(_batches(test, 2), None, "builtin-long", test["input_ids"].shape[0])
+            base_metrics, reference = evaluate(loaded, loaded.model, data)
+            if model is None:
+                model, gates = train_gates(loaded, train, windows(ids["test"], 1024, 4), 64, args.lm_steps, 2)
+                extra.update(gates)
+            rows += [{"tokens": length, **r} for r in compare(loaded, model, test, 2, None, base_metrics)]
+        path = save_part(args.out, "lm", rows, extra)
+        png = seer_heatmap_png(
+            extra["heatmap"], f"Llama-style LM, {extra['heatmap']['layer']}: gate vs truth"
+        )
+        if png:
+            path.with_name(path.stem + "-lm-heatmap.png").write_bytes(png)
