@@ -27,26 +27,36 @@ passes:
 """
 
 
-def _compress(cmd_prefix: list[str], out: Path, recipe: Path) -> subprocess.CompletedProcess:
+def _compress(cmd_prefix: list[str], out: Path, recipe: Path, *extra: str) -> subprocess.CompletedProcess:
     args = ["compress", "--model", TINY_VIT + "&pretrained=false", "--recipe", str(recipe), "--out", str(out)]
+    args += list(extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*cmd_prefix, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
+def one_and_two_processes(tmp_path: Path, recipe_text: str, *extra: str) -> subprocess.CompletedProcess:
+    """``compress`` with ``recipe_text`` (and CLI args ``extra``) in one process (``tmp_path/one``)
+    and under ``torchrun --nproc_per_node 2`` (``tmp_path/two``); both must succeed. Returns the
+    torchrun run."""
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.is_file():
         pytest.skip("torchrun is not installed")
-    recipe = tmp_path / "step.yaml"
-    recipe.write_text(RECIPE)
-    one = _compress([sys.executable, "-m", "edgecompress"], tmp_path / "one", recipe)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    one = _compress([sys.executable, "-m", "edgecompress"], tmp_path / "one", recipe, *extra)
     assert one.returncode == 0, one.stderr[-2000:]
     two = _compress(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "edgecompress"],
         tmp_path / "two",
         recipe,
+        *extra,
     )
     assert two.returncode == 0, two.stderr[-2000:]
+    return two
+
+
+def test_step_recipe_under_torchrun_equals_one_process(tmp_path):
+    two = one_and_two_processes(tmp_path, RECIPE)
     assert two.stdout.count("compress time") == 1  # rank 0 alone prints and writes
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert a.keys() == b.keys()

@@ -1,0 +1,118 @@
+"""Calibration units across torchrun processes: which rank searches which unit, and the exchange.
+
+Every unit's search needs only the float model's inputs to that unit (the papers' protocol: all
+searches see full-precision inputs), so under ``torchrun --nproc_per_node N`` every rank walks the
+blocks in the same order and does the same cheap work — capture, token subsampling (one seeded
+generator), the post-LN reparameterization fold (which later captures see) — and runs only the
+searches of the units it owns. The owner of each unit is decided greedily from an estimate of its
+cost (:func:`unit_cost`, from shapes alone, so every rank computes the same assignment without
+talking); at the end every rank's results are gathered by every rank (``all_gather`` of their JSON
+text: numbers in ``repr`` form round-trip exactly, and nothing is pickled), so all ranks hold the
+same model, install it the same way, and rank 0 writes it. gloo on CPU, nccl on CUDA (the process
+group of :func:`edgecompress.train._init_ranks`); one process needs no group at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+import torch.distributed as dist
+
+ELEMENTWISE = 48  # per input element and candidate, the quantize work in units of one multiply-add
+
+
+class Assigner:
+    """Greedy longest-first by arrival: each unit goes to the rank with the least estimated work."""
+
+    def __init__(self, world: int):
+        self.load = [0.0] * world
+
+    def owner(self, cost: float) -> int:
+        rank = min(range(len(self.load)), key=lambda r: (self.load[r], r))
+        self.load[rank] += cost
+        return rank
+
+
+def linear_macs(t: int, k: int, o: int) -> float:
+    """Multiply-adds of one input candidate's product (the larger of a Linear's two searches)."""
+    return t * k * min(k, o)
+
+
+def attention_macs(shapes: list[tuple[int, int, int, int]]) -> float:
+    """Multiply-adds of one Q candidate's products over groups of ``(B, H, N, D)``."""
+    return sum(b * h * n * d * min(d, n) for b, h, n, d in shapes)
+
+
+def linear_cost(t: int, k: int, o: int) -> float:
+    """Relative cost of one Linear search: per candidate, input ``T·K·(min(K, O) + e)``, weight ``O·K·min(K, T)``."""
+    return t * k * (min(k, o) + ELEMENTWISE) + o * k * min(k, t)
+
+
+def attention_cost(shapes: list[tuple[int, int, int, int]]) -> float:
+    """Relative cost of the two matmul searches over groups of ``(B, H, N, D)``: Q and K by the
+    smaller of D and N, V by N, the softmax (a sixth of the candidates) by D."""
+    tot = 0.0
+    for b, h, n, d in shapes:
+        tot += b * h * n * d * (2 * (min(d, n) + ELEMENTWISE) + n + ELEMENTWISE)
+        tot += b * h * n * n * (d + ELEMENTWISE) / 6
+    return tot
+
+
+# --- JSON encoding of search results (tensors as nested lists with their dtype) --------------------
+
+
+def _encode(v):
+    if torch.is_tensor(v):
+        return {"__tensor__": v.detach().cpu().tolist(), "dtype": str(v.dtype).removeprefix("torch.")}
+    if isinstance(v, dict):
+        return {k: _encode(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_encode(x) for x in v]
+    return v
+
+
+def _decode(v, device: torch.device):
+    if isinstance(v, dict) and "__tensor__" in v:
+        return torch.tensor(v["__tensor__"], dtype=getattr(torch, v["dtype"]), device=device)
+    if isinstance(v, dict):
+        return {k: _decode(x, device) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x, device) for x in v]
+    return v
+
+
+def to_json(results: dict[int, dict]) -> str:
+    """``{unit index: {name: dataclass}}`` → JSON text."""
+    return json.dumps(
+        {str(i): {k: _encode(dataclasses.asdict(p)) for k, p in r.items()} for i, r in results.items()}
+    )
+
+
+def from_json(text: str, types: dict[str, type], device: torch.device) -> dict[int, dict]:
+    """Inverse of :func:`to_json`; ``types`` maps each name to its dataclass."""
+    raw = json.loads(text)
+    return {int(i): {k: types[k](**_decode(p, device)) for k, p in r.items()} for i, r in raw.items()}
+
+
+def gather_results(
+    mine: dict[int, dict], types: dict[str, type], world: int, device: torch.device
+) -> dict[int, dict]:
+    """Every rank's results on every rank (two ``all_gather`` calls: sizes, then padded bytes)."""
+    if world == 1:
+        return mine
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.frombuffer(bytearray(to_json(mine).encode()), dtype=torch.uint8).to(comm)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=comm))
+    top = int(max(s.item() for s in sizes))
+    padded = torch.zeros(top, dtype=torch.uint8, device=comm)
+    padded[: data.numel()] = data
+    parts = [torch.empty(top, dtype=torch.uint8, device=comm) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    merged: dict[int, dict] = {}
+    for part, size in zip(parts, sizes):
+        text = part[: int(size.item())].cpu().numpy().tobytes().decode()
+        merged.update(from_json(text, types, device))
+    return merged
