@@ -43,7 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = Path(os.environ.get("EC_BENCH_CODE", ROOT))  # the package a worker imports (a before row: main)
-sys.path.insert(0, str(CODE))
+# not this folder: its kernels.py would shadow the ``kernels`` package transformers probes for
+sys.path = [str(CODE)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 METHODS = ("uniform", "log2-softmax", "repq_vit", "adalog", "dopq_vit", "dopq_vit-mad")
 DEFAULT_METHODS = {"vit-digits": list(METHODS), "minilm": ["adalog", "dopq_vit"], "deit-small": ["adalog"]}
@@ -111,6 +112,7 @@ def worker(spec: dict) -> dict | None:
 
     load_builtin_passes()
     kw = {"threads": spec["threads"], **({"scoring": spec["scoring"]} if spec.get("scoring") else {})}
+    kw.update({"max_tokens": spec["max_tokens"]} if spec.get("max_tokens") else {})
     if spec["model"] == "deit-small":
         loaded, ctx, test = _deit(spec.get("deit_blocks"))
         with torch.no_grad():
@@ -169,11 +171,15 @@ def plan(args) -> list[dict]:
                     rows.append({**base, "code": "after", "threads": threads, "processes": 1})
                 if args.processes > 1 and method != "uniform":
                     rows.append({**base, "code": "after", "threads": 1, "processes": args.processes})
+                if args.max_tokens and method != "uniform":  # the opt-in approximation, for its effect
+                    rows.append(
+                        {**base, "code": "after", "threads": 1, "processes": 1, "max_tokens": args.max_tokens}
+                    )
     return rows
 
 
 def measure(r: dict, args) -> dict:
-    spec = {k: r[k] for k in ("model", "method", "bits", "threads")}
+    spec = {k: r[k] for k in ("model", "method", "bits", "threads", "max_tokens") if k in r}
     code = ROOT
     if r["code"] == "before":
         code = args.before_root if args.before == "main" else ROOT
@@ -197,6 +203,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [str(r.get(k, "")) for k in KEYS]
         what = r["model"] + (f" ({r['blocks']})" if "blocks" in r else "")
+        what += f" max_tokens={r['max_tokens']}" if r.get("max_tokens") else ""
         load = r.get("load_before", [""])[0]
         lines.append(
             f"| {what} | {r['method']} | {r['bits']} | {r['code']} | {r['threads']} × {r['processes']} | "
@@ -204,6 +211,44 @@ def table(rows: list[dict]) -> str:
             + f" | {load} |"
         )
     return "\n".join(lines)
+
+
+METRICS = ("top1", "logit_sqnr_db", "cosine_mean", "nn_agreement")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (model, method, bits): before/after time ratios per thread count, the 2-process speed-up
+    over 1 process × 1 thread, and metric drift (after − before) next to the run-to-run noise (the
+    spread between the 1- and 2-thread runs of the same code: only float reduction order differs)."""
+    out = []
+    keys = sorted({(r["model"], r["method"], r["bits"]) for r in rows if "calib_s" in r})
+    for key in keys:
+        mine = [r for r in rows if (r["model"], r["method"], r["bits"]) == key and "calib_s" in r]
+        pick = {(r["code"], r["threads"], r["processes"]): r for r in mine if not r.get("max_tokens")}
+        entry: dict = {"model": key[0], "method": key[1], "bits": key[2]}
+        for th in sorted({r["threads"] for r in mine}):
+            b, a = pick.get(("before", th, 1)), pick.get(("after", th, 1))
+            if a and b:
+                entry[f"speedup_{th}t"] = round(b["calib_s"] / a["calib_s"], 2)
+        one, two = pick.get(("after", 1, 1)), next((r for r in pick.values() if r["processes"] > 1), None)
+        if one and two:
+            entry["speedup_2proc_vs_1proc"] = round(one["calib_s"] / two["calib_s"], 2)
+        for m in METRICS:
+            vals = {
+                c: [r[m] for r in pick.values() if r["code"] == c and m in r] for c in ("before", "after")
+            }
+            if vals["before"] and vals["after"]:
+                entry[f"{m}_drift"] = round(vals["after"][0] - vals["before"][0], 4)
+                entry[f"{m}_noise"] = round(max(max(v) - min(v) for v in vals.values()), 4)
+        sub = next((r for r in mine if r.get("max_tokens")), None)
+        if sub and one:  # the opt-in subsample against all tokens (same code, 1 thread)
+            entry["max_tokens"] = sub["max_tokens"]
+            entry["max_tokens_speedup"] = round(one["calib_s"] / sub["calib_s"], 2)
+            for m in METRICS:
+                if m in sub and m in one:
+                    entry[f"max_tokens_{m}_delta"] = round(sub[m] - one[m], 4)
+        out.append(entry)
+    return out
 
 
 def _commit(path: Path) -> str:
@@ -250,6 +295,9 @@ def _parse(argv):
     p.add_argument("--before-root", type=Path, default=Path("/work/main"))
     p.add_argument("--before-deit-blocks", type=int, default=1)
     p.add_argument("--deit-blocks", type=int, default=None)
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="also an 'after' row with this token subsample"
+    )
     p.add_argument("--name", default="xeon-amx", help="machine name in the result file")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return p.parse_args(argv)
@@ -270,6 +318,10 @@ def main(argv=None) -> int:
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive
     print(table(rows))
+    summ = summary(rows)
+    for entry in summ:
+        print(json.dumps(entry))
+    path.write_text(json.dumps({"meta": meta, "summary": summ, "rows": rows}, indent=1))
     print(f"wrote {path}")
     return 0
 

@@ -103,8 +103,8 @@ class _Calibrator:
                 x = self._reparam(u, x, info, dtype)
         w = torch.cat([lin.effective_weight().float() for lin in lins])  # [O_total, K], after any mask
         info["seconds"] = sw.seconds
-        if self._own(linear_cost(t, k, o), u, info):
-            shift = GELU_SHIFT if (u.post_gelu and cfg.post_gelu == "adalog") else None
+        shift = GELU_SHIFT if (u.post_gelu and cfg.post_gelu == "adalog") else None
+        if self._own(linear_cost(t, k, o, shift is not None), u, info):
             p = search_linear(x, w, cfg.w_bits, cfg.a_bits, cfg.search_rounds, shift, dtype)
             self.mine[len(self.plan) - 1] = {"linear": p}
 

@@ -21,7 +21,6 @@ from edgecompress.quantize.log import ADALOG_R, adalog_code_table, log_code_tabl
 from edgecompress.quantize.tan import _unit_tables
 from edgecompress.quantize.uniform import levels
 from edgecompress.quantize.vit_ptq import fused
-from edgecompress.quantize.vit_ptq.fused import fusing
 
 _X_MIN = 1e-15
 
@@ -121,14 +120,15 @@ class UniformCandidates:
 
     def delta(self, x, prep, scale, zp, *, dtype: torch.dtype) -> torch.Tensor:
         """``clamp(round(x/s), −z, 2^b−1−z)·s − x`` (the same fp32 values as ``fq_uniform − x``:
-        integer bounds commute with the shift by ``z``), in five passes instead of eight, or one
-        fused pass (:mod:`~edgecompress.quantize.vit_ptq.fused`) per candidate."""
+        integer bounds commute with the shift by ``z``), in five passes instead of eight."""
         top = levels(self.bits) - 1
-        if dtype == torch.bfloat16 and fusing(x):
-            return _stack([fused.uniform_delta(x, s, -z, top - z) for s, z in zip(scale, zp)])
         u = _div(x, scale, zp).round_()
         u.clamp_min_(-zp).clamp_max_(top - zp)  # tensor bounds: 4× faster than clamp_
         return _minus(u.mul_(scale), x, dtype)
+
+    def fused_error(self, x, prep, scale, zp, p, b) -> torch.Tensor:
+        """``Σ_r (Δ P + B)²`` of one candidate in one compiled pass (:mod:`~edgecompress.quantize.vit_ptq.fused`)."""
+        return fused.uniform_error(x, scale, -zp, levels(self.bits) - 1 - zp, p, b)
 
 
 class AdaLogCandidates:
@@ -164,14 +164,7 @@ class AdaLogCandidates:
         xs, lam = prep
         scale, q = self._params(params, x)
         n = n_value_codes(self.bits)
-        tables = torch.stack([_adalog_table(int(v), self.bits) for v in q.reshape(-1).tolist()])
-        tables = tables.to(x.device, x.dtype)  # [C, n+1]
-        inv_step = ADALOG_R / q.to(x.dtype)
-        tables = tables * (scale.reshape(-1, 1) if self.scale is None else self.scale)
-        if dtype == torch.bfloat16 and fusing(lam):
-            l2s = torch.log2(scale).reshape(-1) if self.scale is None else torch.zeros(len(tables))
-            parts = zip(l2s, inv_step.reshape(-1), tables)
-            return _stack([fused.adalog_delta(lam, xs, a, i, t, n) for a, i, t in parts])
+        tables, inv_step = self._tables(x, scale, q), ADALOG_R / q.to(x.dtype)
         if self.scale is None:
             u = torch.add(lam, torch.log2(scale)).mul_(inv_step)
         else:
@@ -179,6 +172,17 @@ class AdaLogCandidates:
         u.clamp_(min=0.0).round_().clamp_(max=float(n))
         return _minus(_gather_rows(tables, u), xs, dtype)
 
+    def _tables(self, x, scale, q) -> torch.Tensor:
+        """``s·T_q`` per candidate: ``[C, n + 1]`` (zero code last)."""
+        tables = torch.stack([_adalog_table(int(v), self.bits) for v in q.reshape(-1).tolist()])
+        return tables.to(x.device, x.dtype) * (scale.reshape(-1, 1) if self.scale is None else self.scale)
 
-def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0][None] if len(parts) == 1 else torch.stack(parts)
+    def fused_error(self, x, prep, *params_and_pb) -> torch.Tensor:
+        """``Σ_r (Δ P + B)²`` of one candidate in one compiled pass (:mod:`~edgecompress.quantize.vit_ptq.fused`)."""
+        *params, p, b = params_and_pb
+        xs, lam = prep
+        scale, q = self._params(params, x)
+        l2s = torch.log2(scale).reshape(()) if self.scale is None else torch.zeros(())
+        inv = (ADALOG_R / q.to(x.dtype)).reshape(())
+        tab = self._tables(x, scale, q)[0]
+        return fused.adalog_error(lam, xs, l2s, inv, tab, n_value_codes(self.bits), p, b)

@@ -51,34 +51,35 @@ def _compiled(fn: Callable) -> Callable:
     return run
 
 
-def _uniform(x, s, lo, hi):
-    return (torch.clamp(torch.round(x / s), lo, hi) * s - x).to(torch.bfloat16)
+def _error(d, p, b):
+    return (torch.matmul(d, p).float() + b.float()).pow(2).sum(-1)
 
 
-def _sq_rows(e, b):
-    return (e.float() + b.float()).pow(2).sum(-1)
+def _uniform(x, s, lo, hi, p, b):
+    return _error((torch.clamp(torch.round(x / s), lo, hi) * s - x).to(torch.bfloat16), p, b)
 
 
 @functools.cache
-def _lookup(n: int) -> Callable:
-    """``Σ_j tab[j]·[code = j]`` over the ``n`` value codes (the zero code ``n`` maps to 0)."""
+def _adalog(n: int) -> Callable:
+    """AdaLog codes, then ``Σ_j tab[j]·[code = j]`` over the ``n`` value codes (the zero code ``n``
+    maps to 0), then the error of the bf16 ``Δ``."""
 
-    def kernel(lam, xs, l2s, inv, tab):
+    def kernel(lam, xs, l2s, inv, tab, p, b):
         code = torch.clamp(torch.round(torch.clamp((lam + l2s) * inv, min=0.0)), max=float(n))
         val = torch.zeros_like(code)
         for j in range(n):
             val = torch.where(code == j, tab[j], val)
-        return (val - xs).to(torch.bfloat16)
+        return _error((val - xs).to(torch.bfloat16), p, b)
 
     return _compiled(kernel)
 
 
-uniform_delta = _compiled(_uniform)
-"""``(clamp(round(x/s), lo, hi)·s − x)`` in bf16: ``x`` any shape, params broadcasting (0-d or [G, 1])."""
-sq_rows = _compiled(_sq_rows)
-"""``Σ_r (e + b)²`` over the last dim in fp32 (``e`` the bf16 product, ``b`` its bf16 offset)."""
+uniform_error = _compiled(_uniform)
+"""``Σ_r (Δ P + B)²`` (last dim, fp32) of one uniform candidate, ``Δ = clamp(round(x/s), lo, hi)·s − x``
+rounded to bf16; ``x`` [..., T, K], params broadcasting, ``P`` [..., K, R] and ``B`` [..., T, R] bf16."""
 
 
-def adalog_delta(lam, xs, l2s, inv, tab: torch.Tensor, n: int) -> torch.Tensor:
-    """AdaLog ``s·T_q[code] − (x + shift)`` in bf16 with ``tab = s·T_q`` ([n + 1], zero code last)."""
-    return _lookup(n)(lam, xs, l2s, inv, tab)
+def adalog_error(lam, xs, l2s, inv, tab: torch.Tensor, n: int, p, b) -> torch.Tensor:
+    """As :data:`uniform_error` for one AdaLog candidate: ``Δ = s·T_q[code] − (x + shift)`` with
+    ``tab = s·T_q`` ([n + 1], zero code last), ``l2s = log2 s``, ``inv = r/q``."""
+    return _adalog(n)(lam, xs, l2s, inv, tab, p, b)

@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 import torch
 
 from edgecompress.quantize.search import chunked
-from edgecompress.quantize.vit_ptq import fused
 from edgecompress.quantize.vit_ptq.fastq import UniformCandidates, fq_uniform
 from edgecompress.quantize.vit_ptq.fused import fusing
 
@@ -82,8 +81,6 @@ def product_form(
 
 def squared_error(d: torch.Tensor, p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``Σ_r (d P + B)²`` over the last dim, in fp32: ``d`` [c, ..., T, K] (scoring dtype)."""
-    if d.dtype == torch.bfloat16 and fusing(d):
-        return fused.sq_rows(torch.matmul(d, p), b)
     e = torch.matmul(d, p).add_(b)
     e = e.float() if e.dtype != torch.float32 else e
     return e.pow_(2).sum(-1)
@@ -96,6 +93,18 @@ def candidate_delta(quant: Quant, x: torch.Tensor, prep: tuple, params, dtype: t
         return quant.delta(x, prep, *params, dtype=dtype)
     d = quant(x, *params).sub_(x)
     return d if d.dtype == dtype else d.to(dtype)
+
+
+def candidate_error(
+    quant: Quant, x: torch.Tensor, prep: tuple, params: tuple, p: torch.Tensor, b: torch.Tensor, dtype
+) -> torch.Tensor:
+    """``Σ_r (Δ_c P + B)²`` over the last dim (fp32) for the candidates ``params`` (each ``[c, ...]``):
+    ``[c, ..., T]``. On a CPU in bf16, one compiled pass per candidate where the family has one
+    (:mod:`~edgecompress.quantize.vit_ptq.fused`); else :func:`candidate_delta` and :func:`squared_error`."""
+    if dtype == torch.bfloat16 and fusing(x) and hasattr(quant, "fused_error"):
+        parts = [quant.fused_error(x, prep, *(v[i] for v in params), p, b) for i in range(len(params[0]))]
+        return parts[0][None] if len(parts) == 1 else torch.stack(parts)
+    return squared_error(candidate_delta(quant, x, prep, params, dtype), p, b)
 
 
 def prepare(quant: Quant, x: torch.Tensor) -> tuple:
@@ -156,8 +165,9 @@ def weight_score(
         xt, et, quant = x_hat.T.to(dtype), e.T.to(dtype), UniformCandidates(bits)
 
         def direct(scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-            d = candidate_delta(quant, w, (), (scale[..., None], zp[..., None]), dtype)  # [C, O, K]
-            return squared_error(d, xt, et) / t  # [C, O]
+            return (
+                candidate_error(quant, w, (), (scale[..., None], zp[..., None]), xt, et, dtype) / t
+            )  # [C, O]
 
         return chunked(direct, candidates_per_call(t * w.shape[0] + w.numel()))
     h, g, e2 = (x_hat.T @ x_hat / t).to(dtype), e.T @ x_hat / t, e.pow(2).mean(0)  # [K, K], [O, K], [O]
@@ -180,10 +190,7 @@ def act_score(
 
     def score(*params: torch.Tensor) -> torch.Tensor:
         ps = tuple(v.reshape(-1, 1, 1) for v in params)
-        tot = sum(
-            squared_error(candidate_delta(quant, x[r], rows_of(prep, r), ps, dtype), p, b[r]).sum(1)
-            for r in rows
-        )
+        tot = sum(candidate_error(quant, x[r], rows_of(prep, r), ps, p, b[r], dtype).sum(1) for r in rows)
         return ((tot.double() + const) / n).float()  # [C]
 
     return chunked(score, candidates_per_call(rows[0].stop * max(k, p.shape[1])))
@@ -205,7 +212,7 @@ def _group_score(x, y_hat, ref, quant: Quant, per_head: bool, dtype: torch.dtype
         ps = tuple(_per_head(v) for v in params)
         tot = 0.0
         for s in samples:
-            err = squared_error(candidate_delta(quant, x[s], rows_of(prep, s), ps, dtype), p[s], q[s])
+            err = candidate_error(quant, x[s], rows_of(prep, s), ps, p[s], q[s], dtype)
             tot = tot + (err.sum((1, 3)) if per_head else err.sum((1, 2, 3))[:, None])  # [C, b, H, N] →
         return tot.double() + const
 
