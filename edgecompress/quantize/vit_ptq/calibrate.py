@@ -29,6 +29,7 @@ from edgecompress.quantize.vit_ptq.ranks import (
     Assigner,
     attention_cost,
     attention_macs,
+    exchange_group,
     gather_results,
     linear_cost,
     linear_macs,
@@ -61,6 +62,7 @@ class _Calibrator:
         self.example = ctx.example_inputs[0]
         self.ranks = _init_ranks(ctx.device)
         self.assign = Assigner(self.ranks.world)
+        self.group = exchange_group(self.ranks.world)
         self.plan: list[tuple] = []  # per unit: (unit, info, owner)
         self.mine: dict[int, dict] = {}  # this rank's search results, by unit index
         self.sw = Stopwatch()
@@ -79,7 +81,7 @@ class _Calibrator:
                 progress.step(_unit_name(u))
             del cache
         with self.sw("exchange"):
-            results = gather_results(self.mine, RESULT_TYPES, self.ranks.world, self.ctx.device)
+            results = gather_results(self.mine, RESULT_TYPES, self.group, self.ctx.device)
         for i, (u, info, owner) in enumerate(self.plan):
             self._install(u, info, owner, results[i])
 

@@ -74,9 +74,19 @@ def _adalog(n: int) -> Callable:
     return _compiled(kernel)
 
 
+def _hessian(w, s, lo, hi, h, g, e2):
+    d = torch.clamp(torch.round(w / s), lo, hi) * s - w
+    return (torch.matmul(d.to(torch.bfloat16), h).float() + 2.0 * g).mul(d).sum(-1) + e2
+
+
 uniform_error = _compiled(_uniform)
 """``Σ_r (Δ P + B)²`` (last dim, fp32) of one uniform candidate, ``Δ = clamp(round(x/s), lo, hi)·s − x``
 rounded to bf16; ``x`` [..., T, K], params broadcasting, ``P`` [..., K, R] and ``B`` [..., T, R] bf16."""
+
+
+hessian_error = _compiled(_hessian)
+"""Per-output-channel weight error ``D H Dᵀ + 2 D·G + e2`` of one uniform weight candidate
+(``D = Ŵ − W``, ``w`` [O, K], params [O, 1]), ``D H`` in bf16 (``h`` bf16 [K, K])."""
 
 
 def adalog_error(lam, xs, l2s, inv, tab: torch.Tensor, n: int, p, b) -> torch.Tensor:

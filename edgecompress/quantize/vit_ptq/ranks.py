@@ -8,13 +8,15 @@ searches of the units it owns. The owner of each unit is decided greedily from a
 cost (:func:`unit_cost`, from shapes alone, so every rank computes the same assignment without
 talking); at the end every rank's results are gathered by every rank (``all_gather`` of their JSON
 text: numbers in ``repr`` form round-trip exactly, and nothing is pickled), so all ranks hold the
-same model, install it the same way, and rank 0 writes it. gloo on CPU, nccl on CUDA (the process
-group of :func:`edgecompress.train._init_ranks`); one process needs no group at all.
+same model, install it the same way, and rank 0 writes it. The process group is the one of
+:func:`edgecompress.train._init_ranks` (gloo on CPU, nccl on CUDA); the exchange itself runs on a
+gloo subgroup with a long timeout (:func:`exchange_group`). One process needs no group at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 
 import torch
@@ -106,23 +108,34 @@ def from_json(text: str, types: dict[str, type], device: torch.device) -> dict[i
     return {int(i): {k: types[k](**_decode(p, device)) for k, p in r.items()} for i, r in raw.items()}
 
 
+EXCHANGE_TIMEOUT = datetime.timedelta(hours=48)
+
+
+def exchange_group(world: int):
+    """A gloo group over all ranks for the final exchange (collective: every rank calls it, in the
+    same place). Its own timeout: ranks finish their searches at different times, and the default
+    group's (30 min for gloo, 10 for nccl) is shorter than a long CPU calibration's imbalance.
+    The results are a few MB of text, so CPU tensors over gloo serve CPU and GPU runs alike."""
+    return dist.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT) if world > 1 else None
+
+
 def gather_results(
-    mine: dict[int, dict], types: dict[str, type], world: int, device: torch.device
+    mine: dict[int, dict], types: dict[str, type], group, device: torch.device
 ) -> dict[int, dict]:
-    """Every rank's results on every rank (two ``all_gather`` calls: sizes, then padded bytes)."""
-    if world == 1:
+    """Every rank's results on every rank (two ``all_gather`` calls over ``group``: sizes, then
+    padded bytes); ``group`` None (one process) returns ``mine``."""
+    if group is None:
         return mine
-    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    data = torch.frombuffer(bytearray(to_json(mine).encode()), dtype=torch.uint8).to(comm)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=comm))
+    world = dist.get_world_size(group)
+    data = torch.frombuffer(bytearray(to_json(mine).encode()), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=group)
     top = int(max(s.item() for s in sizes))
-    padded = torch.zeros(top, dtype=torch.uint8, device=comm)
+    padded = torch.zeros(top, dtype=torch.uint8)
     padded[: data.numel()] = data
-    parts = [torch.empty(top, dtype=torch.uint8, device=comm) for _ in range(world)]
-    dist.all_gather(parts, padded)
+    parts = [torch.empty(top, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
     merged: dict[int, dict] = {}
     for part, size in zip(parts, sizes):
-        text = part[: int(size.item())].cpu().numpy().tobytes().decode()
-        merged.update(from_json(text, types, device))
+        merged.update(from_json(part[: int(size.item())].numpy().tobytes().decode(), types, device))
     return merged
