@@ -17,8 +17,11 @@ the cost, not the value, up to float rounding; tests compare them with the direc
   row space, so nothing cancels. One product plus one sum of squares per candidate, where the
   expanded Gram form needed three passes more over ``[T, K]``.
 
-``dtype`` is the precision of the candidate products: ``torch.float32``, or ``torch.bfloat16``,
-which this CPU runs on AMX (measured 5-12× the fp32 rate at these shapes). In bf16 ``Δ_c`` is
+``dtype`` is the precision of the candidate products: ``torch.bfloat16``, which this CPU runs on
+AMX (measured 3-12× the fp32 rate at these shapes; batched per-head products 3-4× at DeiT-S's
+197×64, slower than fp32 at MiniLM's ~40×32, so those attention searches keep the fp32 reference,
+:func:`edgecompress.quantize.vit_ptq.ranks.attention_macs`); searches below :data:`BF16_MIN_FLOPS`
+multiply-adds per candidate run the fp32 reference too. In bf16 ``Δ_c`` is
 computed in fp32 and rounded once (a relative 2⁻⁹ on the *error*, not on ``X``), ``P`` and ``B``
 are rounded once (the same perturbation for every candidate), the products accumulate in fp32
 inside the kernel and the squares are summed in fp32 — measured relative deviation of a score from
@@ -28,6 +31,8 @@ are the fp32 optimum among the survivors.
 
 The data are processed in row tiles of about :data:`TILE_ELEMENTS` floats per candidate
 intermediate (cache-sized), several candidates per call when a whole tensor is smaller than that.
+On a CPU each tile of a candidate is one compiled pass (quantize, bf16 product, sum of squares;
+:mod:`~edgecompress.quantize.vit_ptq.fused`) where the tensors are large enough.
 """
 
 from __future__ import annotations
