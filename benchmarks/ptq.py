@@ -1,26 +1,32 @@
-"""PTQ accuracy and calibration time of the ViT PTQ methods on the built-in demo models (CPU).
+"""ViT PTQ calibration: accuracy and time, before/after, 1 and 2 threads, 1 and 2 processes (CPU).
 
-    python benchmarks/ptq.py [--bits 4 6 3 8] [--models vit-digits minilm] [--threads N]
-                             [--max-tokens N] [--deit-small] [--quick]
+    python benchmarks/ptq.py [--models vit-digits minilm deit-small] [--bits 4] [--methods ...]
+        [--threads 1 2] [--processes 2] [--before main|fp32|none] [--before-root /work/main]
+        [--before-deit-blocks N] [--deit-blocks N] [--name xeon-amx] [--out DIR]
 
-Rows: ``uniform`` (uniform_ptq, min/max), ``log2-softmax`` (repq_vit with FQ-ViT's log2 softmax),
-``repq_vit``, ``adalog``, ``dopq_vit`` (+ ``dopq_vit-mad``, our reading of v3). Columns: W/A bits.
+Every row is one fresh process (``--worker``), so the "before" rows can run another checkout's
+code: ``--before main`` runs the same measurement with the package of ``--before-root`` (a
+read-only worktree of main, whose passes have no ``scoring`` field: every candidate in fp32);
+``--before fp32`` runs this checkout with ``scoring: fp32`` (the reference path kept operation
+for operation); ``none`` measures only this checkout. Rows alternate before/after per
+configuration (the project's ratio method on a shared machine); ``/proc/loadavg`` is recorded
+before and after each row. ``--processes 2`` adds rows launched with
+``torchrun --standalone --nproc_per_node 2`` (one thread each; rank 0 reports).
 
-* demo:vit-digits: top-1 on the whole digits test split (450 images), agreement of the top-1 with
-  FP32 and the logits' SQNR against FP32; calibration = the first 32 train images.
-* demo:minilm: mean cosine of the mean-pooled embeddings to FP32 and nearest-neighbour agreement
-  on the built-in test texts; calibration = the first 32 train texts.
-* calibration seconds: wall time of ``pipeline.run`` (the pass alone), with the torch thread count
-  used (``--threads``, default: torch's) and the machine's load average printed beside it — on a
-  shared CPU, multi-threaded small ops can wait for a descheduled thread (see vit_ptq.calibrate_).
-* ``--deit-small``: calibration time of adalog W4A4 on timm:deit_small_patch16_224 with random
-  weights and 32 random 224×224 images (accuracy is meaningless there, the time is the point).
-  ``--deit-blocks N`` keeps only its first N of 12 blocks (identical shapes), for CPUs where the
-  whole model at the default (every calibration token) does not fit the time at hand; the row
-  says how many blocks ran.
+Models and metrics:
 
-The table is printed and written, with the machine, torch/timm versions and date, to
-``benchmarks/results/ptq-<machine>-<date>.json``.
+* ``vit-digits`` (demo, trained): top-1 on the 450 test digits, top-1 agreement with FP32 and the
+  logits' SQNR against FP32; calibration = the first 32 train images; methods default to all.
+* ``minilm`` (demo, real weights): mean embedding cosine to FP32 and nearest-neighbour agreement
+  on the built-in test texts; calibration = the first 32 train texts; methods adalog, dopq_vit.
+* ``deit-small``: ``timm:deit_small_patch16_224`` with random weights, 32 random 224² images (all
+  6,304 tokens), adalog: calibration time (and the logit SQNR on 8 of those images, for drift only).
+  ``--deit-blocks N`` keeps the first N of its 12 blocks (``--before-deit-blocks`` for the before
+  rows, whose whole-model time on a CPU is hours: the row says how many blocks ran).
+
+Each row carries the pass's per-step seconds (``profile``: capture, reparam, weight, input, q@k,
+A@V searches, exchange) where the code reports them. Output: a table on stdout and
+``benchmarks/results/ptq-<name>-<date>.json`` (machine, CPU, date, command, every row).
 """
 
 from __future__ import annotations
@@ -30,197 +36,292 @@ import datetime
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CODE = Path(os.environ.get("EC_BENCH_CODE", ROOT))  # the package a worker imports (a before row: main)
+# not this folder: its kernels.py would shadow the ``kernels`` package transformers probes for
+sys.path = [str(CODE)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from edgecompress.calib import make_context  # noqa: E402
-from edgecompress.data.metrics import evaluate  # noqa: E402
-from edgecompress.data.specs import load_data  # noqa: E402
-from edgecompress.models.loading import load_model  # noqa: E402
-from edgecompress.pipeline import load_builtin_passes, run  # noqa: E402
-from edgecompress.quantize.ptq import UniformPTQ  # noqa: E402
-from edgecompress.quantize.vit_ptq import AdaLogPTQ, DopQViTPTQ, RepQViTPTQ  # noqa: E402
-
-METHODS = {
-    "uniform": lambda b, kw: UniformPTQ(w_bits=b, a_bits=b, observer="minmax"),
-    "log2-softmax": lambda b, kw: RepQViTPTQ(w_bits=b, a_bits=b, softmax_quantizer="log2", **kw),
-    "repq_vit": lambda b, kw: RepQViTPTQ(w_bits=b, a_bits=b, **kw),
-    "adalog": lambda b, kw: AdaLogPTQ(w_bits=b, a_bits=b, **kw),
-    "dopq_vit": lambda b, kw: DopQViTPTQ(w_bits=b, a_bits=b, **kw),
-    "dopq_vit-mad": lambda b, kw: DopQViTPTQ(w_bits=b, a_bits=b, reparam="mad", **kw),
-}
+METHODS = ("uniform", "log2-softmax", "repq_vit", "adalog", "dopq_vit", "dopq_vit-mad")
+DEFAULT_METHODS = {"vit-digits": list(METHODS), "minilm": ["adalog", "dopq_vit"], "deit-small": ["adalog"]}
 CALIB_SAMPLES = 32
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 6])
-    p.add_argument("--models", nargs="*", default=["vit-digits", "minilm"], choices=["vit-digits", "minilm"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads for the passes (0: torch's)")
-    p.add_argument("--max-tokens", type=int, default=None, help="subsample calibration tokens (default: all)")
-    p.add_argument("--deit-small", action="store_true", help="also time adalog W4A4 on deit_small (random)")
-    p.add_argument("--deit-blocks", type=int, default=None, help="time only deit_small's first N blocks")
-    p.add_argument("--quick", action="store_true", help="W4A4 only, vit-digits only")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    return p.parse_args(argv)
+def _pass(method: str, bits: int, kw: dict):
+    from edgecompress.quantize.ptq import UniformPTQ
+    from edgecompress.quantize.vit_ptq import AdaLogPTQ, DopQViTPTQ, RepQViTPTQ
+
+    make = {
+        "uniform": lambda: UniformPTQ(w_bits=bits, a_bits=bits, observer="minmax"),
+        "log2-softmax": lambda: RepQViTPTQ(w_bits=bits, a_bits=bits, softmax_quantizer="log2", **kw),
+        "repq_vit": lambda: RepQViTPTQ(w_bits=bits, a_bits=bits, **kw),
+        "adalog": lambda: AdaLogPTQ(w_bits=bits, a_bits=bits, **kw),
+        "dopq_vit": lambda: DopQViTPTQ(w_bits=bits, a_bits=bits, **kw),
+        "dopq_vit-mad": lambda: DopQViTPTQ(w_bits=bits, a_bits=bits, reparam="mad", **kw),
+    }
+    return make[method]()
 
 
-def _logit_sqnr(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+def _logit_sqnr(ref, out) -> float:
+    import torch
+
     r, o = torch.cat(ref).double(), torch.cat(out).double()
     return round(float(10 * torch.log10(r.pow(2).sum() / (r - o).pow(2).sum().clamp_min(1e-30))), 2)
 
 
-def bench_model(spec: str, methods: list[str], bits: list[int], kw: dict) -> list[dict]:
-    base = load_model(spec)
-    test = load_data(None, base, "test", 0, 64)
-    calib = load_data(None, base, "train", CALIB_SAMPLES, CALIB_SAMPLES)
-    fp_metrics, fp_out = evaluate(base, base.model, test)
-    rows = [{"model": spec, "method": "fp32", "bits": 32, **fp_metrics, "calib_s": 0.0}]
-    print(f"{spec} fp32 {fp_metrics}", flush=True)
-    for b in bits:
-        for name in methods:
-            loaded = load_model(spec)
-            ctx = make_context(calib.batches, loaded.call, torch.device("cpu"))
-            p = METHODS[name](b, kw)
-            load = os.getloadavg()[0]
-            t0 = time.perf_counter()
-            model, _ = run(loaded.model, [p], ctx)
-            secs = time.perf_counter() - t0
-            metrics, out = evaluate(loaded, model, test, reference=fp_out)
-            row = {
-                "model": spec,
-                "method": name,
-                "bits": b,
-                **metrics,
-                "calib_s": round(secs, 1),
-                "load_avg": load,
-                "threads": kw["threads"],
-                "max_tokens": None if name == "uniform" else kw["max_tokens"],
-            }
-            if loaded.kind == "image":
-                row["logit_sqnr_db"] = _logit_sqnr(fp_out, out)
-            rows.append(row)
-            print(f"{spec} W{b}A{b} {name}: {metrics} calib {secs:.1f}s (load {load:.1f})", flush=True)
-    return rows
+def _deit(blocks: int | None):
+    import torch
 
+    from edgecompress.calib import make_context
+    from edgecompress.models.loading import load_model
 
-def bench_deit_small(kw: dict, blocks: int | None) -> dict:
     loaded = load_model("timm:deit_small_patch16_224?pretrained=false")
-    total = len(loaded.model.blocks)
     if blocks is not None:
         loaded.model.blocks = loaded.model.blocks[:blocks]
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(CALIB_SAMPLES, 3, 224, 224, generator=gen)]
-    ctx = make_context(batches, loaded.call, torch.device("cpu"))
-    load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    run(loaded.model, [AdaLogPTQ(w_bits=4, a_bits=4, **kw)], ctx)
-    secs = time.perf_counter() - t0
-    ran = len(loaded.model.blocks)
-    print(
-        f"deit_small_patch16_224 (random, {ran}/{total} blocks) adalog W4A4: calib {secs:.1f}s (load {load:.1f})"
+    batch = torch.randn(CALIB_SAMPLES, 3, 224, 224, generator=gen)
+    return loaded, make_context([batch], loaded.call, torch.device("cpu")), [batch[:8]]
+
+
+def _demo(spec: str):
+    import torch
+
+    from edgecompress.calib import make_context
+    from edgecompress.data.specs import load_data
+    from edgecompress.models.loading import load_model
+
+    loaded = load_model(spec)
+    calib = load_data(None, loaded, "train", CALIB_SAMPLES, CALIB_SAMPLES)
+    return (
+        loaded,
+        make_context(calib.batches, loaded.call, torch.device("cpu")),
+        load_data(None, loaded, "test", 0, 64),
     )
-    return {
-        "model": "timm:deit_small_patch16_224 (random weights)",
-        "blocks": f"{ran}/{total}",
-        "method": "adalog",
-        "bits": 4,
-        "calib_s": round(secs, 1),
-        "load_avg": load,
-        "threads": kw["threads"],
-        "max_tokens": kw["max_tokens"],
-    }
+
+
+def worker(spec: dict) -> dict | None:
+    """One measurement in this process (rank 0 returns the row; other ranks None)."""
+    import torch
+
+    from edgecompress.data.metrics import evaluate
+    from edgecompress.pipeline import load_builtin_passes, run
+
+    load_builtin_passes()
+    kw = {"threads": spec["threads"], **({"scoring": spec["scoring"]} if spec.get("scoring") else {})}
+    kw.update({"max_tokens": spec["max_tokens"]} if spec.get("max_tokens") else {})
+    if spec["model"] == "deit-small":
+        loaded, ctx, test = _deit(spec.get("deit_blocks"))
+        with torch.no_grad():
+            fp_out = [loaded.call(loaded.model, test[0]).clone()]
+    else:
+        loaded, ctx, test = _demo(f"demo:{spec['model']}")
+        _, fp_out = evaluate(loaded, loaded.model, test)
+    p = _pass(spec["method"], spec["bits"], kw if spec["method"] != "uniform" else {})
+    t0 = time.perf_counter()
+    model, records = run(loaded.model, [p], ctx)
+    secs = time.perf_counter() - t0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    row = {"calib_s": round(secs, 1), "profile": records[0].get("info", {}).get("profile", {}).get("seconds")}
+    if spec["model"] == "deit-small":
+        with torch.no_grad():
+            row["logit_sqnr_db"] = _logit_sqnr(fp_out, [loaded.call(model, test[0])])
+        return row
+    metrics, out = evaluate(loaded, model, test, reference=fp_out)
+    row.update({k: v for k, v in metrics.items() if k not in ("samples", "data")})
+    if loaded.kind == "image":
+        row["logit_sqnr_db"] = _logit_sqnr(fp_out, out)
+    return row
+
+
+def _load() -> list[float]:
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def launch(spec: dict, code: Path, processes: int) -> dict:
+    """Run :func:`worker` in a fresh process (``torchrun`` for ``processes > 1``) with ``code``'s package."""
+    env = {**os.environ, "EC_BENCH_CODE": str(code), "OMP_NUM_THREADS": str(spec["threads"])}
+    env["PYTHONPATH"] = str(code)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    if processes > 1:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(processes), *cmd[1:]]
+    load0 = _load()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode or not lines:
+        return {"error": done.stderr[-1500:], "load_before": load0}
+    return {**json.loads(lines[-1][7:]), "load_before": load0, "load_after": _load()}
+
+
+def plan(args) -> list[dict]:
+    """The rows: per (model, method, bits): before/after at each thread count, then the torchrun row."""
+    rows = []
+    for model in args.models:
+        for method in args.methods or DEFAULT_METHODS[model]:
+            for bits in args.bits:
+                base = {"model": model, "method": method, "bits": bits}
+                for threads in args.threads:
+                    if args.before != "none" and method != "uniform":
+                        rows.append({**base, "code": "before", "threads": threads, "processes": 1})
+                    rows.append({**base, "code": "after", "threads": threads, "processes": 1})
+                if args.processes > 1 and method != "uniform":
+                    rows.append({**base, "code": "after", "threads": 1, "processes": args.processes})
+                if args.max_tokens and method != "uniform":  # the opt-in approximation, for its effect
+                    rows.append(
+                        {**base, "code": "after", "threads": 1, "processes": 1, "max_tokens": args.max_tokens}
+                    )
+    return rows
+
+
+def measure(r: dict, args) -> dict:
+    spec = {k: r[k] for k in ("model", "method", "bits", "threads", "max_tokens") if k in r}
+    code = ROOT
+    if r["code"] == "before":
+        code = args.before_root if args.before == "main" else ROOT
+        spec["scoring"] = "fp32" if args.before == "fp32" else None
+        spec["deit_blocks"] = args.before_deit_blocks
+    else:
+        spec["deit_blocks"] = args.deit_blocks
+    if r["model"] != "deit-small":
+        spec.pop("deit_blocks")
+    out = launch(spec, Path(code), r["processes"])
+    blocks = spec.get("deit_blocks")
+    return {**r, **({"blocks": f"{blocks or 12}/12"} if r["model"] == "deit-small" else {}), **out}
+
+
+KEYS = ("top1", "top1_agreement", "logit_sqnr_db", "cosine_mean", "nn_agreement", "calib_s")
 
 
 def table(rows: list[dict]) -> str:
-    keys = ("top1", "top1_agreement", "logit_sqnr_db", "cosine_mean", "nn_agreement")
-    lines = ["| model | method | W/A | " + " | ".join(keys) + " | calib s |", "|" + "---|" * (len(keys) + 4)]
+    head = "| model | method | W/A | code | threads × procs | " + " | ".join(KEYS) + " | load |"
+    lines = [head, "|" + "---|" * (len(KEYS) + 6)]
     for r in rows:
-        cells = [str(r.get(k, "")) for k in keys]
+        cells = [str(r.get(k, "")) for k in KEYS]
+        what = r["model"] + (f" ({r['blocks']})" if "blocks" in r else "")
+        what += f" max_tokens={r['max_tokens']}" if r.get("max_tokens") else ""
+        load = r.get("load_before", [""])[0]
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['bits']} | "
+            f"| {what} | {r['method']} | {r['bits']} | {r['code']} | {r['threads']} × {r['processes']} | "
             + " | ".join(cells)
-            + f" | {r.get('calib_s', '')} |"
+            + f" | {load} |"
         )
     return "\n".join(lines)
 
 
-def _merge(path: Path, rows: list[dict]) -> list[dict]:
-    """Keep the rows of an earlier run today for (model, method, bits, max_tokens, blocks) this run did not
-    measure (each row names the commit that produced it)."""
-    if not path.is_file():
-        return rows
-
-    def key(r: dict) -> tuple:
-        return r["model"], r["method"], r["bits"], r.get("max_tokens"), r.get("blocks")
-
-    mine = {key(r) for r in rows}
-    old = [r for r in json.loads(path.read_text()).get("rows", []) if key(r) not in mine]
-    return old + rows
+METRICS = ("top1", "logit_sqnr_db", "cosine_mean", "nn_agreement")
 
 
-def _commit() -> str:
-    """The checked-out commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "edgecompress"], cwd=ROOT, capture_output=True, text=True
-        )
-    except OSError:
-        return "unknown"
-    if head.returncode:
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (model, method, bits): before/after time ratios per thread count, the 2-process speed-up
+    over 1 process × 1 thread, and metric drift (after − before) next to the run-to-run noise (the
+    spread between the 1- and 2-thread runs of the same code: only float reduction order differs)."""
+    out = []
+    keys = sorted({(r["model"], r["method"], r["bits"]) for r in rows if "calib_s" in r})
+    for key in keys:
+        mine = [r for r in rows if (r["model"], r["method"], r["bits"]) == key and "calib_s" in r]
+        pick = {(r["code"], r["threads"], r["processes"]): r for r in mine if not r.get("max_tokens")}
+        entry: dict = {"model": key[0], "method": key[1], "bits": key[2]}
+        for th in sorted({r["threads"] for r in mine}):
+            b, a = pick.get(("before", th, 1)), pick.get(("after", th, 1))
+            if a and b:
+                entry[f"speedup_{th}t"] = round(b["calib_s"] / a["calib_s"], 2)
+        one, two = pick.get(("after", 1, 1)), next((r for r in pick.values() if r["processes"] > 1), None)
+        if one and two:
+            entry["speedup_2proc_vs_1proc"] = round(one["calib_s"] / two["calib_s"], 2)
+        for m in METRICS:
+            vals = {
+                c: [r[m] for r in pick.values() if r["code"] == c and m in r] for c in ("before", "after")
+            }
+            if vals["before"] and vals["after"]:
+                entry[f"{m}_drift"] = round(vals["after"][0] - vals["before"][0], 4)
+                entry[f"{m}_noise"] = round(max(max(v) - min(v) for v in vals.values()), 4)
+        sub = next((r for r in mine if r.get("max_tokens")), None)
+        if sub and one:  # the opt-in subsample against all tokens (same code, 1 thread)
+            entry["max_tokens"] = sub["max_tokens"]
+            entry["max_tokens_speedup"] = round(one["calib_s"] / sub["calib_s"], 2)
+            for m in METRICS:
+                if m in sub and m in one:
+                    entry[f"max_tokens_{m}_delta"] = round(sub[m] - one[m], 4)
+        out.append(entry)
+    return out
 
 
-def _meta(threads: int) -> dict:
-    import timm
-    import transformers
+def _commit(path: Path) -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "edgecompress"], cwd=path, capture_output=True, text=True
+    )
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
+
+def _meta(args) -> dict:
+    import torch
+
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), ""
+    )
+    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
     return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": socket.gethostname(),
-        "cpu": platform.processor() or platform.machine(),
+        "machine": args.name,
+        "cpu": cpu,
+        "amx": "amx_bf16" in flags,
         "cpu_count": os.cpu_count(),
-        "torch_threads": threads or torch.get_num_threads(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
-        "timm": timm.__version__,
-        "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "after_commit": _commit(ROOT),
+        "before": args.before,
+        "before_commit": _commit(args.before_root) if args.before == "main" else None,
     }
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--models", nargs="+", default=["vit-digits", "minilm", "deit-small"], choices=list(DEFAULT_METHODS)
+    )
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="default: per model (see the docstring)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--processes", type=int, default=2, help="also run each row under torchrun (1: skip)")
+    p.add_argument("--before", choices=["main", "fp32", "none"], default="main")
+    p.add_argument("--before-root", type=Path, default=Path("/work/main"))
+    p.add_argument("--before-deit-blocks", type=int, default=1)
+    p.add_argument("--deit-blocks", type=int, default=None)
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="also an 'after' row with this token subsample"
+    )
+    p.add_argument("--name", default="xeon-amx", help="machine name in the result file")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    load_builtin_passes()
-    bits, models = ([4], ["vit-digits"]) if args.quick else (args.bits, args.models)
-    kw = {"threads": args.threads, "max_tokens": args.max_tokens}
-    rows = []
-    for m in models:
-        rows += bench_model(f"demo:{m}", args.methods, bits, kw)
-    if args.deit_small:
-        rows.append(bench_deit_small(kw, args.deit_blocks))
-    commit = _commit()
-    rows = [{**r, "commit": commit} for r in rows]
-    meta = _meta(args.threads)
-    print(table(rows))
+    if args.worker:
+        row = worker(json.loads(args.worker))
+        if row is not None:
+            print("RESULT " + json.dumps(row), flush=True)
+        return 0
+    meta, rows = _meta(args), []
+    path = args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"ptq-{meta['machine']}-{datetime.date.today().isoformat()}.json"
-    rows = _merge(path, rows)
-    path.write_text(
-        json.dumps({"meta": meta, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
-    )
+    for r in plan(args):
+        rows.append(measure(r, args))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive
+    print(table(rows))
+    summ = summary(rows)
+    for entry in summ:
+        print(json.dumps(entry))
+    path.write_text(json.dumps({"meta": meta, "summary": summ, "rows": rows}, indent=1))
     print(f"wrote {path}")
     return 0
 

@@ -88,6 +88,7 @@ def report_markdown(report: dict) -> str:
         lines += [f"- {note}" for note in rec.get("notes", [])]
         lines += _acm_lines(rec.get("info", {}).get("acm"))
         lines += _seer_lines(rec.get("info", {}).get("seer"))
+        lines += _profile_lines(rec.get("info", {}).get("profile"))
         lines += ["", "| " + " | ".join(LAYER_COLUMNS) + " |", "|" + "---|" * len(LAYER_COLUMNS)]
         lines += ["| " + " | ".join(map(str, layer_row(r))) + " |" for r in rec["layers"]]
         lines.append("")
@@ -169,3 +170,18 @@ def seer_heatmap_png(heat: dict, title: str = "") -> bytes | None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
+
+
+def _profile_lines(profile: dict | None) -> list[str]:
+    """Seconds per calibration step and per unit (the ViT PTQ passes' ``profile``), busiest first."""
+    if not profile:
+        return []
+    steps = ", ".join(f"{k} {v} s" for k, v in sorted(profile["seconds"].items(), key=lambda kv: -kv[1]))
+    where = (
+        f"{profile['processes']} process(es) × {profile['threads']} thread(s), {profile['scoring']} scoring"
+    )
+    lines = ["", f"Calibration seconds ({where}): {steps}.", "", "| unit | rank | seconds |", "|---|---|---|"]
+    for u in sorted(profile["units"], key=lambda u: -sum(u["seconds"].values())):
+        secs = ", ".join(f"{k} {v}" for k, v in u["seconds"].items())
+        lines.append(f"| {u['unit']} | {u['rank']} | {secs} |")
+    return lines

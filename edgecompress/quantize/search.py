@@ -152,22 +152,33 @@ def fpcs_candidates(
 
 
 class _Best:
-    """Running best (lowest error) per group over every candidate scored."""
+    """The ``keep`` lowest-error candidates per group over every candidate scored (ties → the one
+    scored first); with ``keep = 1`` the running best."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 1) -> None:
+        self.keep = keep
         self.mse: torch.Tensor | None = None
         self.params: list[torch.Tensor] = []
 
     def update(self, mse: torch.Tensor, *params: torch.Tensor) -> None:
-        i = smallest_k(mse, 1)  # [1, ...]
-        m = torch.gather(mse, 0, i)[0]
-        p = [torch.gather(x, 0, i)[0] for x in params]
-        if self.mse is None:
-            self.mse, self.params = m, p
-            return
-        better = m < self.mse
-        self.mse = torch.where(better, m, self.mse)
-        self.params = [torch.where(better, new, old) for new, old in zip(p, self.params)]
+        if self.mse is not None:
+            mse = torch.cat([self.mse, mse])
+            params = tuple(torch.cat([old, new]) for old, new in zip(self.params, params))
+        i = smallest_k(mse, min(self.keep, mse.shape[0]))  # [k, ...]
+        self.mse = torch.gather(mse, 0, i)
+        self.params = [torch.gather(x, 0, i) for x in params]
+
+    def best(self, exact: Callable[..., torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """``(*params, mse)`` of the best kept candidate per group; with ``exact``, the kept ones
+        are re-scored by it first (the fp32 twin of a bf16 score) and its error decides."""
+        assert self.mse is not None
+        mse = self.mse if exact is None else exact(*self.params)
+        i = smallest_k(mse, 1)
+        return (*(torch.gather(x, 0, i)[0] for x in self.params), torch.gather(mse, 0, i)[0])
+
+
+def _pool(exact: Callable | None, rescore: int) -> _Best:
+    return _Best(1 if exact is None else rescore)
 
 
 def fpcs(
@@ -179,6 +190,8 @@ def fpcs(
     rounds: int = 5,
     min_scale: float = MIN_SCALE,
     free_zero_point: bool = False,
+    exact: Score | None = None,
+    rescore: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fast Progressive Combining Search (AdaLog §FPCS; official ``weight_fpcs``/``activation_fpcs``).
 
@@ -187,12 +200,14 @@ def fpcs(
     offsets ``(linspace(0, 1, 8) - 0.5)·Δ`` with its zero-point fixed, shrink ``Δ ← Δ / 7.5``,
     score, keep the best 16. Scales are clamped at ``min_scale``. Returns the best
     ``(scale [G], zero_point [G], mse [G])`` seen in any round (see the module docstring).
-    ``free_zero_point``: see :func:`fpcs_candidates`.
+    ``free_zero_point``: see :func:`fpcs_candidates`. ``exact``: when ``score`` is an approximation
+    (bf16 products), the ``rescore`` best candidates per group over all rounds are re-scored by
+    ``exact`` and the best of those is returned (with its ``exact`` error).
     """
     scale, zp, delta = fpcs_candidates(
         ranges, bits, n_candidates, min_scale=min_scale, free_zero_point=free_zero_point
     )
-    best = _Best()
+    best = _pool(exact, rescore)
     mse = score(scale, zp)  # [C, G]
     best.update(mse, scale, zp)
     n_new = n_candidates // keep
@@ -206,20 +221,22 @@ def fpcs(
         delta = delta / (n_new - 0.5)
         mse = score(scale, zp)
         best.update(mse, scale, zp)
-    assert best.mse is not None
-    return best.params[0], best.params[1], best.mse
+    return best.best(exact)
 
 
 def grid_search(
-    score: Callable[[torch.Tensor], torch.Tensor], candidates: torch.Tensor
+    score: Callable[[torch.Tensor], torch.Tensor],
+    candidates: torch.Tensor,
+    exact: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rescore: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best of a 1-D candidate set (AdaLog's q search, TanQ's α search): ``(value, mse)``.
 
-    ``score(candidates [C]) -> [C]``; ties → lower index.
+    ``score(candidates [C]) -> [C]``; ties → lower index; ``exact``/``rescore`` as in :func:`fpcs`.
     """
-    mse = score(candidates)  # [C]
-    i = smallest_k(mse, 1)[0]
-    return candidates[i], mse[i]
+    best = _pool(exact, rescore)
+    best.update(score(candidates), candidates)
+    return best.best(exact)
 
 
 def adalog_q_candidates(device: torch.device | None = None) -> torch.Tensor:
@@ -237,6 +254,8 @@ def adalog_joint_search(
     n_scales: int = 16,
     keep: int = 32,
     rounds: int = 5,
+    exact: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    rescore: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AdaLog's joint (q, scale) search for the post-GELU quantizer (official ``activation_fpcs``).
 
@@ -246,10 +265,10 @@ def adalog_joint_search(
     positive, shifted values); score the 128 pairs and keep ``keep`` (32); then ``rounds`` (5)
     times put ``128 // 32 = 4`` scales around each survivor at ``(linspace(0,1,4) - 0.5)·Δ``
     (``Δ`` = the initial scale spacing, then ``Δ ← Δ / 3.5``), q fixed, and keep 32. Returns the
-    best ``(scale, q, mse)`` (0-d tensors) seen in any step.
+    best ``(scale, q, mse)`` (0-d tensors) seen in any step; ``exact``/``rescore`` as in :func:`fpcs`.
     """
     q_all = adalog_q_candidates(pos_lo.device)  # [Q]
-    best = _Best()
+    best = _pool(exact, rescore)
     mse = score(scale0.reshape(1).expand(q_all.numel()).clone(), q_all)  # [Q]
     best.update(mse, scale0.reshape(1).expand(q_all.numel()), q_all)
     q_top = q_all[smallest_k(mse, keep_q)]  # [keep_q]
@@ -267,8 +286,7 @@ def adalog_joint_search(
             delta = delta / (n_new - 0.5)
         mse = score(scale, q)
         best.update(mse, scale, q)
-    assert best.mse is not None
-    return best.params[0], best.params[1], best.mse
+    return best.best(exact)
 
 
 def chunked(score: Score, chunk: int) -> Score:

@@ -8,6 +8,18 @@ One calibration procedure (METHODS.md §1), three sets of defaults:
 | ``repq_vit`` (ICCV 2023) | log√2 | uniform | mean |
 | ``dopq_vit`` (arXiv 2408.03291; no code) | TanQ (our construction) | uniform | median (v1 MOSF) |
 
+Speed (fields that change the cost, not the method): ``scoring`` — ``bf16`` (default) scores the
+search candidates with bf16 matrix products (AMX on this CPU, tensor cores on a GPU) and re-scores
+each search's final survivors in fp32, so the chosen parameters are the fp32 best of the
+survivors (measured: objectives within 1.3e-4 of the fp32 search's); ``fp32`` is the reference
+path, every candidate in fp32, bit-identical to version 1 before it (see
+:mod:`~edgecompress.quantize.vit_ptq.scoring`). Under ``torchrun --nproc_per_node N`` the units'
+searches are spread over the processes and the results gathered on every rank
+(:mod:`~edgecompress.quantize.vit_ptq.ranks`); one process is the default. ``max_tokens`` (opt-in)
+subsamples the calibration tokens — an approximation, unlike the two above. The pass record's
+``info.profile`` (report.json; a table in report.md) gives the seconds per step (capture, reparam,
+weight and input searches, q@kᵀ and A@V searches) in total and per unit, with the rank that ran it.
+
 Every choice is a field, so an ablation is one recipe line: ``softmax_quantizer`` (adalog, log2,
 logsqrt2, tanq, uniform), ``post_gelu`` (adalog, uniform), ``reparam`` (mean, median, mad, none).
 Weights: asymmetric uniform per output channel. Linear inputs, Q, K, V: asymmetric uniform (per
@@ -47,6 +59,7 @@ from edgecompress.pipeline import Context, register_pass
 from edgecompress.quantize.ptq import check_bits
 from edgecompress.quantize.vit_ptq.calibrate import calibrate_
 
+Scoring = Literal["bf16", "fp32"]
 SoftmaxQ = Literal["adalog", "log2", "logsqrt2", "tanq", "uniform"]
 PostGelu = Literal["adalog", "uniform"]
 Reparam = Literal["mean", "median", "mad", "none"]
@@ -68,6 +81,7 @@ class _ViTPTQBase:
     reparam: Reparam = "mean"
     search_rounds: int = 3
     max_tokens: int | None = None  # subsample calibration tokens (speed); None = all, as the papers
+    scoring: Scoring = "bf16"  # candidate products in bf16, survivors re-scored in fp32; fp32: reference
     threads: int = 0  # intra-op threads during calibration; 0 = leave torch's setting
     seed: int = 0
     targets: tuple[str, ...] = ("Linear",)

@@ -28,16 +28,19 @@ from dataclasses import dataclass
 
 import torch
 
-from edgecompress.quantize.search import (
-    adalog_q_candidates,
-    chunked,
-    fpcs,
-    grid_search,
-    percentile_ranges,
-)
+from edgecompress.quantize.search import adalog_q_candidates, fpcs, grid_search, percentile_ranges
 from edgecompress.quantize.tan import tanq_alpha_candidates
-from edgecompress.quantize.vit_ptq.fastq import fq_adalog, fq_log, fq_tanq, fq_uniform
-from edgecompress.quantize.vit_ptq.objectives import Quant, chunk_size, same_params, self_fpcs
+from edgecompress.quantize.vit_ptq import reference, scoring
+from edgecompress.quantize.vit_ptq.fastq import (
+    AdaLogCandidates,
+    UniformCandidates,
+    fq_log,
+    fq_tanq,
+    fq_uniform,
+)
+from edgecompress.quantize.vit_ptq.objectives import same_params, self_fpcs
+from edgecompress.quantize.vit_ptq.reference import Quant
+from edgecompress.quantize.vit_ptq.scoring import exact_of, with_exact
 
 Groups = list[torch.Tensor]
 
@@ -46,58 +49,28 @@ def as_groups(x: torch.Tensor | Groups) -> Groups:
     return [x] if torch.is_tensor(x) else list(x)
 
 
-def _per_head(p: torch.Tensor) -> torch.Tensor:
-    """[C, G] → [C, 1, G, 1, 1] against a candidate batch ``[C, B, H, N, D]`` (G = H or 1)."""
-    return p[:, None, :, None, None]
-
-
-def _group_score(x, y_hat, ref, quant: Quant, per_head: bool) -> Callable:
-    """Summed squared output error of one group, ``[C, H]`` or ``[C, 1]``."""
-    b, h, n, d = x.shape
-    m = y_hat.shape[-2]
-    f = x @ y_hat.transpose(-2, -1) - ref  # [B, H, N, M]: the other operand's share
-    gram = d < m
-    g, fy = (y_hat.transpose(-2, -1) @ y_hat, f @ y_hat) if gram else (None, None)  # [B,H,D,D], [B,H,N,D]
-    dims = (1, 3, 4) if per_head else (1, 2, 3, 4)  # reduced dims of a [C, B, H, N, ·] batch
-    f2 = f.pow(2).sum(tuple(i - 1 for i in dims))  # [H] or []
-
-    def score(*params: torch.Tensor) -> torch.Tensor:
-        delta = quant(x, *(_per_head(p) for p in params)).sub_(x)  # [C, B, H, N, D]
-        if gram:
-            tot = (delta @ g).add_(fy, alpha=2.0).mul_(delta).sum(dims).add_(f2)
-        else:
-            err = (delta @ y_hat.transpose(-2, -1)).add_(f)
-            tot = err.mul_(err).sum(dims)
-        return tot if per_head else tot[:, None]
-
-    return chunked(score, chunk_size(b * h * n * max(m, d) * 2))
-
-
 def left_operand_score(
     x: torch.Tensor | Groups,
     y_hat: torch.Tensor | Groups,
     ref: torch.Tensor | Groups,
     quant: Quant,
     per_head: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> Callable:
     """Output MSE of ``X̂_c Ŷᵀ`` vs ``ref`` [B, H, N, M] over all groups: ``score(*params [C, G]) → [C, G]``.
 
     ``quant(x, *params)`` receives params shaped ``[C, 1, G, 1, 1]`` and returns ``[C, B, H, N, D]``.
     ``G = H`` (per-head params, error averaged per head) or ``G = 1`` (per tensor). With
     ``Δ = X̂_c − X`` and ``F = X Ŷᵀ − ref``: ``‖Δ Ŷᵀ + F‖² = tr(Δ ŶᵀŶ Δᵀ) + 2⟨Δ, F Ŷ⟩ + ‖F‖²`` is
-    used when ``D < M`` (cost ``N·D²`` instead of ``N·D·M`` per row).
+    used when ``D < M`` (cost ``N·D²`` instead of ``N·D·M`` per row). ``dtype`` fp32: the reference
+    score (:mod:`~edgecompress.quantize.vit_ptq.reference`); bf16: the whitened form with bf16
+    products (:mod:`~edgecompress.quantize.vit_ptq.scoring`) carrying the reference as fp32 twin.
     """
     xs, ys, refs = as_groups(x), as_groups(y_hat), as_groups(ref)
-    parts = [_group_score(xg, yg, rg, quant, per_head) for xg, yg, rg in zip(xs, ys, refs)]
-    count = sum(r.numel() // (r.shape[1] if per_head else 1) for r in refs)
-
-    def score(*params: torch.Tensor) -> torch.Tensor:
-        tot = parts[0](*params)
-        for part in parts[1:]:
-            tot = tot + part(*params)
-        return tot / count
-
-    return score
+    exact = reference.left_operand_score(xs, ys, refs, quant, per_head)
+    if dtype == torch.float32:
+        return exact
+    return with_exact(scoring.left_operand_score(xs, ys, refs, quant, per_head, dtype), exact)
 
 
 def head_rows(xs: torch.Tensor | Groups) -> torch.Tensor:
@@ -109,18 +82,22 @@ def _head_view(p: torch.Tensor) -> torch.Tensor:
     return p.reshape(1, -1, 1, 1)  # [1, H, 1, 1]
 
 
-def _heads_self(xs: torch.Tensor | Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return self_fpcs(head_rows(xs), bits)
+def _heads_self(
+    xs: torch.Tensor | Groups, bits: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return self_fpcs(head_rows(xs), bits, dtype=dtype)
 
 
 def _heads_quant(xs: Groups, s: torch.Tensor, z: torch.Tensor, bits: int) -> Groups:
     return [fq_uniform(x, _head_view(s), _head_view(z), bits) for x in xs]
 
 
-def _fpcs_operand(xs: Groups, y_hats: Groups, refs: Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fpcs_operand(
+    xs: Groups, y_hats: Groups, refs: Groups, bits: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head uniform FPCS of the left operand ``x`` [B, H, N, D] by output MSE."""
-    score = left_operand_score(xs, y_hats, refs, lambda t, s, z: fq_uniform(t, s, z, bits), per_head=True)
-    s, z, _ = fpcs(score, percentile_ranges(head_rows(xs)), bits)
+    score = left_operand_score(xs, y_hats, refs, UniformCandidates(bits), per_head=True, dtype=dtype)
+    s, z, _ = fpcs(score, percentile_ranges(head_rows(xs)), bits, exact=exact_of(score))
     return s, z
 
 
@@ -137,7 +114,7 @@ def softmax_quant(kind: str, bits: int) -> Quant:
     """``quant(a, param)`` of a 1-parameter softmax quantizer (scale fixed at 1 for AdaLog/TanQ)."""
     one = torch.tensor(1.0)
     if kind == "adalog":
-        return lambda a, q: fq_adalog(a, one, q, bits)
+        return AdaLogCandidates(bits, scale=1.0)
     if kind == "tanq":
         return lambda a, alpha: fq_tanq(a, one, alpha, bits)
     k = 1.0 if kind == "log2" else 2.0
@@ -178,6 +155,7 @@ class MatmulParams:
     mse: float
     ref_power: float
     rounds: int = 0
+    seconds: float = 0.0
 
 
 def _mse_power(outs: Groups, refs: Groups) -> tuple[float, float]:
@@ -186,17 +164,24 @@ def _mse_power(outs: Groups, refs: Groups) -> tuple[float, float]:
     return err / n, sum(float(r.pow(2).sum()) for r in refs) / n
 
 
-def search_qk(q: torch.Tensor | Groups, k: torch.Tensor | Groups, bits: int, rounds: int = 3) -> MatmulParams:
+def search_qk(
+    q: torch.Tensor | Groups,
+    k: torch.Tensor | Groups,
+    bits: int,
+    rounds: int = 3,
+    dtype: torch.dtype = torch.float32,
+) -> MatmulParams:
     """Per-head uniform Q and K of ``q kᵀ`` ([B, H, N, D] each, or groups of them): self pre-search,
-    then up to ``rounds`` × (Q by output MSE, K by output MSE), stopping at a fixed point."""
+    then up to ``rounds`` × (Q by output MSE, K by output MSE), stopping at a fixed point.
+    ``dtype``: precision of the candidate products (bf16: survivors re-scored in fp32)."""
     qs_, ks_ = as_groups(q), as_groups(k)
     refs = [a @ b.transpose(-2, -1) for a, b in zip(qs_, ks_)]  # [B, H, N, M]
-    (qs, qz), (ks, kz) = _heads_self(qs_, bits), _heads_self(ks_, bits)
+    (qs, qz), (ks, kz) = _heads_self(qs_, bits, dtype), _heads_self(ks_, bits, dtype)
     done = 0
     while done < rounds:
         done += 1
-        qs, qz = _fpcs_operand(qs_, _heads_quant(ks_, ks, kz, bits), refs, bits)
-        new_ks, new_kz = _fpcs_operand(ks_, _heads_quant(qs_, qs, qz, bits), _t(refs), bits)
+        qs, qz = _fpcs_operand(qs_, _heads_quant(ks_, ks, kz, bits), refs, bits, dtype)
+        new_ks, new_kz = _fpcs_operand(ks_, _heads_quant(qs_, qs, qz, bits), _t(refs), bits, dtype)
         fixed = same_params((new_ks, new_kz), (ks, kz))
         ks, kz = new_ks, new_kz
         if fixed:
@@ -209,20 +194,33 @@ def search_qk(q: torch.Tensor | Groups, k: torch.Tensor | Groups, bits: int, rou
     return MatmulParams({"scale": qs, "zero_point": qz}, {"scale": ks, "zero_point": kz}, mse, power, done)
 
 
-def _search_probs(kind: str, a: Groups, flat: torch.Tensor, v_hat: Groups, refs: Groups, bits: int) -> dict:
+def _search_probs(
+    kind: str, a: Groups, flat: torch.Tensor, v_hat: Groups, refs: Groups, bits: int, dtype: torch.dtype
+) -> dict:
     """A's parameter by output MSE; ``flat`` [1, N]: every probability (for ranges and candidates)."""
     ys = _t(v_hat)  # [B, H, D, M]: out = Â (V̂ᵀ)ᵀ
     if kind == "uniform":
-        score = left_operand_score(a, ys, refs, lambda t, s, z: fq_uniform(t, s, z, bits), per_head=False)
-        s, z, _ = fpcs(score, percentile_ranges(flat), bits)
+        score = left_operand_score(a, ys, refs, UniformCandidates(bits), per_head=False, dtype=dtype)
+        s, z, _ = fpcs(score, percentile_ranges(flat), bits, exact=exact_of(score))
         return {"scale": s[0], "zero_point": z[0]}
-    score = left_operand_score(a, ys, refs, softmax_quant(kind, bits), per_head=False)
-    best, _ = grid_search(lambda p: score(p[:, None])[:, 0], softmax_candidates(kind, flat))
+    score = left_operand_score(a, ys, refs, softmax_quant(kind, bits), per_head=False, dtype=dtype)
+    exact = exact_of(score)
+    best, _ = grid_search(
+        lambda p: score(p[:, None])[:, 0],
+        softmax_candidates(kind, flat),
+        exact=None if exact is None else lambda p: exact(p[:, None])[:, 0],
+    )
     return {"param": best}
 
 
 def search_probs_v(
-    a: torch.Tensor | Groups, v: torch.Tensor | Groups, a_bits: int, v_bits: int, kind: str, rounds: int = 3
+    a: torch.Tensor | Groups,
+    v: torch.Tensor | Groups,
+    a_bits: int,
+    v_bits: int,
+    kind: str,
+    rounds: int = 3,
+    dtype: torch.dtype = torch.float32,
 ) -> MatmulParams:
     """Softmax output ``a`` [B, H, N, M] (per tensor, quantizer ``kind``) and per-head uniform ``v``
     [B, H, M, D] of ``a @ v`` (or groups of them): V self pre-search, then up to ``rounds`` ×
@@ -232,15 +230,15 @@ def search_probs_v(
         raise ValueError(f"unknown softmax quantizer {kind!r}; expected one of {SOFTMAX_KINDS}")
     as_, vs_ = as_groups(a), as_groups(v)
     refs = [p @ x for p, x in zip(as_, vs_)]  # [B, H, N, D]
-    vs, vz = _heads_self(vs_, v_bits)
+    vs, vz = _heads_self(vs_, v_bits, dtype)
     flat = torch.cat([x.reshape(-1) for x in as_])[None]
     a_params: dict = {}
     done = 0
     while done < rounds:
         done += 1
-        a_params = _search_probs(kind, as_, flat, _heads_quant(vs_, vs, vz, v_bits), refs, a_bits)
+        a_params = _search_probs(kind, as_, flat, _heads_quant(vs_, vs, vz, v_bits), refs, a_bits, dtype)
         a_hat = [probs_quantize(x, kind, a_params, a_bits) for x in as_]
-        new_vs, new_vz = _fpcs_operand(_t(vs_), a_hat, _t(refs), v_bits)
+        new_vs, new_vz = _fpcs_operand(_t(vs_), a_hat, _t(refs), v_bits, dtype)
         fixed = same_params((new_vs, new_vz), (vs, vz))
         vs, vz = new_vs, new_vz
         if fixed:

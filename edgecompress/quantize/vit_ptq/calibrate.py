@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -14,13 +16,30 @@ from edgecompress.progress import Progress
 from edgecompress.quantize.modules import sqnr_db
 from edgecompress.quantize.ptq import attention_slots, quantizable_linears
 from edgecompress.quantize.reparam import GELU_SHIFT
-from edgecompress.quantize.vit_ptq.attn import search_probs_v, search_qk
+from edgecompress.quantize.vit_ptq.attn import MatmulParams, search_probs_v, search_qk
 from edgecompress.quantize.vit_ptq.fold import fold_verified_
 from edgecompress.quantize.vit_ptq.install import install_attention, install_linear
-from edgecompress.quantize.vit_ptq.objectives import channel_act_search, search_linear
+from edgecompress.quantize.vit_ptq.objectives import (
+    LinearParams,
+    Stopwatch,
+    channel_act_search,
+    search_linear,
+)
+from edgecompress.quantize.vit_ptq.ranks import (
+    Assigner,
+    attention_cost,
+    attention_macs,
+    exchange_group,
+    gather_results,
+    linear_cost,
+    linear_macs,
+)
+from edgecompress.quantize.vit_ptq.scoring import unit_dtype
+from edgecompress.train import _init_ranks
 
 ATTN_SLOTS = ("q", "k", "v", "probs")
 REPORT_SAMPLES = 8
+RESULT_TYPES = {"linear": LinearParams, "qk": MatmulParams, "av": MatmulParams}
 
 
 def _db(ref_power: float, mse: float) -> float:
@@ -34,60 +53,78 @@ def _subsample_rows(x: torch.Tensor, max_rows: int | None, gen: torch.Generator)
 
 
 class _Calibrator:
-    """Runs the procedure of the module docstring for one pass configuration."""
+    """Runs the procedure of the module docstring for one pass configuration (see also
+    :mod:`~edgecompress.quantize.vit_ptq.ranks` for the work split under torchrun)."""
 
     def __init__(self, cfg, model: nn.Module, ctx: Context):
         self.cfg, self.model, self.ctx = cfg, model, ctx
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.example = ctx.example_inputs[0]
+        self.ranks = _init_ranks(ctx.device)
+        self.assign = Assigner(self.ranks.world)
+        self.group = exchange_group(self.ranks.world)
+        self.plan: list[tuple] = []  # per unit: (unit, info, owner)
+        self.mine: dict[int, dict] = {}  # this rank's search results, by unit index
+        self.sw = Stopwatch()
         self.installs: list = []
 
     def run(self, units) -> None:
         with torch.no_grad():
             self.ref = self.ctx.call(self.model, head(self.example, REPORT_SAMPLES)).detach().clone()
-        groups: list[list] = []
-        for u in units:
-            key = block_key(u.names[0] if isinstance(u, LinearUnit) else u.name)
-            if groups and block_key(_unit_name(groups[-1][0])) == key:
-                groups[-1].append(u)
-            else:
-                groups.append([u])
         progress = Progress(f"{self.cfg.name} calibration, unit", len(units))
-        for group in groups:
+        for group in _block_groups(units):
             names = [n for u in group for n in _capture_names(u)]
-            cache = capture(self.model, names, self.ctx.forward_loop, self.cfg.calib_samples)
+            with self.sw("capture"):
+                cache = capture(self.model, names, self.ctx.forward_loop, self.cfg.calib_samples)
             for u in group:
                 self._linear(u, cache) if isinstance(u, LinearUnit) else self._attention(u, cache)
                 progress.step(_unit_name(u))
             del cache
+        with self.sw("exchange"):
+            results = gather_results(self.mine, RESULT_TYPES, self.group, self.ctx.device)
+        for i, (u, info, owner) in enumerate(self.plan):
+            self._install(u, info, owner, results[i])
+
+    def _own(self, cost: float, u, info: dict) -> bool:
+        """Record the unit; True when this rank searches it."""
+        owner = self.assign.owner(cost)
+        self.plan.append((u, info, owner))
+        return owner == self.ranks.rank
 
     def _linear(self, u: LinearUnit, cache) -> None:
-        cfg = self.cfg
+        """Inputs (every rank: subsampling and the fold change what later units see), then the search."""
+        cfg, info, sw = self.cfg, {}, Stopwatch()
         x = cache.tokens(u.names[0]).float()  # [T, K], padding tokens dropped
         x = _subsample_rows(x, cfg.max_tokens, self.gen)
-        info: dict = {}
-        if u.norm is not None and cfg.reparam != "none" and not u.post_gelu:
-            s_c, z_c = channel_act_search(x, cfg.a_bits)
-            folded = fold_verified_(
-                self.model, u, s_c, z_c, cfg.reparam, cfg.a_bits, self.example, self.ref, self.ctx.call
-            )
-            if folded is None:
-                info["reparam"] = "skipped (output not equivalent or no bias)"
-            else:
-                _, _, r, b = folded
-                x = x / r - b
-                info["reparam"] = {
-                    "rule": cfg.reparam,
-                    "norm": u.norm,
-                    "r_max_over_min": round(float(r.max() / r.min()), 3),
-                }
         lins = [self.model.get_submodule(n) for n in u.names]
+        (t, k), o = x.shape, sum(lin.out_features for lin in lins)
+        dtype = unit_dtype(cfg.scoring, linear_macs(t, k, o), x.device)
+        info["scoring"] = str(dtype).removeprefix("torch.")
+        if u.norm is not None and cfg.reparam != "none" and not u.post_gelu:
+            with sw("reparam"):
+                x = self._reparam(u, x, info, dtype)
         w = torch.cat([lin.effective_weight().float() for lin in lins])  # [O_total, K], after any mask
+        info["seconds"] = sw.seconds
         shift = GELU_SHIFT if (u.post_gelu and cfg.post_gelu == "adalog") else None
-        p = search_linear(x, w, cfg.w_bits, cfg.a_bits, cfg.search_rounds, shift)
-        info["layer_sqnr_db"] = _db(p.ref_power, p.mse)
-        info["search_rounds"] = p.rounds
-        self.installs.append(lambda: install_linear(self.model, u.names, p, cfg.w_bits, cfg.a_bits, info))
+        if self._own(linear_cost(t, k, o, shift is not None), u, info):
+            p = search_linear(x, w, cfg.w_bits, cfg.a_bits, cfg.search_rounds, shift, dtype)
+            self.mine[len(self.plan) - 1] = {"linear": p}
+
+    def _reparam(self, u: LinearUnit, x: torch.Tensor, info: dict, dtype: torch.dtype) -> torch.Tensor:
+        s_c, z_c = channel_act_search(x, self.cfg.a_bits, dtype)
+        folded = fold_verified_(
+            self.model, u, s_c, z_c, self.cfg.reparam, self.cfg.a_bits, self.example, self.ref, self.ctx.call
+        )
+        if folded is None:
+            info["reparam"] = "skipped (output not equivalent or no bias)"
+            return x
+        _, _, r, b = folded
+        info["reparam"] = {
+            "rule": self.cfg.reparam,
+            "norm": u.norm,
+            "r_max_over_min": round(float(r.max() / r.min()), 3),
+        }
+        return x / r - b
 
     def _attention(self, u: AttnUnit, cache) -> None:
         cfg = self.cfg
@@ -97,17 +134,60 @@ class _Calibrator:
             raise UserError(
                 f"{u.name}: grouped-query attention is not supported by {cfg.name} (use uniform_ptq)"
             )
+        self._subsample_queries(q, a)
+        shapes = [tuple(x.shape) for x in q]
+        dtype = unit_dtype(cfg.scoring, attention_macs(shapes), q[0].device)
+        if not self._own(attention_cost(shapes), u, {"scoring": str(dtype).removeprefix("torch.")}):
+            return
+        t0 = time.perf_counter()
+        qk = search_qk(q, k, cfg.a_bits, cfg.search_rounds, dtype)
+        t1 = time.perf_counter()
+        av = search_probs_v(a, v, cfg.a_bits, cfg.a_bits, cfg.softmax_quantizer, cfg.search_rounds, dtype)
+        qk.seconds, av.seconds = round(t1 - t0, 3), round(time.perf_counter() - t1, 3)
+        self.mine[len(self.plan) - 1] = {"qk": qk, "av": av}
+
+    def _subsample_queries(self, q: list, a: list) -> None:
+        """``max_tokens``: keep that many query rows in all (per sample, seeded), in place."""
         samples = sum(x.shape[0] for x in q)
-        if cfg.max_tokens is not None and sum(x.shape[0] * x.shape[2] for x in q) > cfg.max_tokens:
-            per_sample = max(1, cfg.max_tokens // samples)  # query rows kept per sample
-            for i, x in enumerate(q):
-                rows = torch.randperm(x.shape[2], generator=self.gen)[:per_sample].sort().values
-                q[i], a[i] = x[:, :, rows], a[i][:, :, rows]
-        qk = search_qk(q, k, cfg.a_bits, cfg.search_rounds)
-        av = search_probs_v(a, v, cfg.a_bits, cfg.a_bits, cfg.softmax_quantizer, cfg.search_rounds)
+        if self.cfg.max_tokens is None or sum(x.shape[0] * x.shape[2] for x in q) <= self.cfg.max_tokens:
+            return
+        per_sample = max(1, self.cfg.max_tokens // samples)  # query rows kept per sample
+        for i, x in enumerate(q):
+            rows = torch.randperm(x.shape[2], generator=self.gen)[:per_sample].sort().values
+            q[i], a[i] = x[:, :, rows], a[i][:, :, rows]
+
+    def _install(self, u, info: dict, owner: int, result: dict) -> None:
+        """Queue the quantizers of one unit, with its report entries (rank, seconds per search)."""
+        cfg = self.cfg
+        where = {"rank": owner} if self.ranks.world > 1 else {}
+        if isinstance(u, LinearUnit):
+            p = result["linear"]
+            info.update(layer_sqnr_db=_db(p.ref_power, p.mse), search_rounds=p.rounds, **where)
+            info["seconds"] = {**info["seconds"], **p.seconds}
+            self.installs.append(lambda: install_linear(self.model, u.names, p, cfg.w_bits, cfg.a_bits, info))
+            return
+        qk, av = result["qk"], result["av"]
+        info["seconds"] = {"q@k": qk.seconds, "A@V": av.seconds}
         self.installs.append(
-            lambda: install_attention(self.model, u.name, qk, av, cfg.softmax_quantizer, cfg.a_bits)
+            lambda: install_attention(self.model, u.name, qk, av, cfg.softmax_quantizer, cfg.a_bits, where)
         )
+
+    def profile(self) -> dict:
+        """Seconds per step of the whole calibration and per unit (the report's ``profile``)."""
+        units, by = [], dict(self.sw.seconds)
+        for u, info, owner in self.plan:
+            secs = dict(info.get("seconds", {}))
+            units.append({"unit": _unit_name(u), "rank": owner, "scoring": info["scoring"], "seconds": secs})
+        for row in units:
+            for k, v in row["seconds"].items():
+                by[k] = round(by.get(k, 0.0) + v, 3)
+        return {
+            "scoring": self.cfg.scoring,
+            "processes": self.ranks.world,
+            "threads": torch.get_num_threads(),
+            "seconds": by,
+            "units": units,
+        }
 
     def finish(self, linear_names: list[str]) -> None:
         """Install every quantizer, then add the in-model output SQNR of each Linear to its report."""
@@ -119,6 +199,18 @@ class _Calibrator:
             q = self.model.get_submodule(n).input_quantizer()
             if hasattr(q, "stats") and n in got:
                 q.stats["model_sqnr_db"] = round(sqnr_db(ref_out[n], got[n]), 2)
+
+
+def _block_groups(units) -> list[list]:
+    """Consecutive units of the same block (one capture each)."""
+    groups: list[list] = []
+    for u in units:
+        key = block_key(_unit_name(u))
+        if groups and block_key(_unit_name(groups[-1][0])) == key:
+            groups[-1].append(u)
+        else:
+            groups.append([u])
+    return groups
 
 
 def _unit_name(u) -> str:
@@ -178,6 +270,7 @@ def calibrate_(cfg, model: nn.Module, ctx: Context) -> nn.Module:
         cal = _Calibrator(cfg, model, ctx)
         cal.run(units)
         cal.finish(linears)
+        ctx.info["profile"] = cal.profile()
     finally:
         torch.set_num_threads(before)
     return model

@@ -20,6 +20,7 @@ import torch
 from edgecompress.quantize.log import ADALOG_R, adalog_code_table, log_code_table, n_value_codes
 from edgecompress.quantize.tan import _unit_tables
 from edgecompress.quantize.uniform import levels
+from edgecompress.quantize.vit_ptq import fused
 
 _X_MIN = 1e-15
 
@@ -86,3 +87,102 @@ def fq_tanq(x: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor, bits: int
     y.mul_(top).round_().clamp_(0, top)
     tables = _unit_tables(alpha.reshape(-1).to(torch.float64), bits).to(x.dtype)  # [C, L]
     return _gather_rows(tables, y).mul_(scale)
+
+
+# --- candidate families: exact x̂ (fp32) and the fast Δ = x̂ − x of the bf16 scoring path ---------
+#
+# ``prepare(x)`` returns per-element tensors shaped like ``x`` (computed once per search, sliced
+# with ``x``); ``delta(x, prep, *params, dtype)`` returns ``x̂ − x`` for the candidates, computed
+# in fp32 with fewer passes than ``quant(x) − x`` and rounded once to ``dtype``. The fast forms
+# agree with the exact ones up to fp32 rounding (``x/s`` rounded once vs ``log2(x) − log2(s)``):
+# tests bound the difference; they serve only the bf16 scores, whose survivors are re-scored with
+# the exact ``__call__``.
+
+
+def _minus(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a − b`` in fp32, written (rounded once) straight into a ``dtype`` tensor."""
+    if dtype == a.dtype:
+        return a.sub_(b)
+    return torch.sub(a, b, out=torch.empty(a.shape, dtype=dtype, device=a.device))
+
+
+class UniformCandidates:
+    """Asymmetric uniform quantizer at ``bits``: params ``(scale, zero_point)``."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        return fq_uniform(x, scale, zp, self.bits)
+
+    def prepare(self, x: torch.Tensor) -> tuple:
+        return ()
+
+    def delta(self, x, prep, scale, zp, *, dtype: torch.dtype) -> torch.Tensor:
+        """``clamp(round(x/s), −z, 2^b−1−z)·s − x`` (the same fp32 values as ``fq_uniform − x``:
+        integer bounds commute with the shift by ``z``), in five passes instead of eight."""
+        top = levels(self.bits) - 1
+        u = _div(x, scale, zp).round_()
+        u.clamp_min_(-zp).clamp_max_(top - zp)  # tensor bounds: 4× faster than clamp_
+        return _minus(u.mul_(scale), x, dtype)
+
+    def fused_error(self, x, prep, scale, zp, p, b) -> torch.Tensor:
+        """``Σ_r (Δ P + B)²`` of one candidate in one compiled pass (:mod:`~edgecompress.quantize.vit_ptq.fused`)."""
+        return fused.uniform_error(x, scale, -zp, levels(self.bits) - 1 - zp, p, b)
+
+
+class AdaLogCandidates:
+    """AdaLog (LUT dequant) on ``x + shift``, minus ``shift``: params ``(scale, q)``, or ``(q,)``
+    with a fixed ``scale`` (the softmax quantizer, scale 1)."""
+
+    def __init__(self, bits: int, shift: float = 0.0, scale: float | None = None):
+        self.bits, self.shift, self.scale = bits, shift, scale
+
+    def __call__(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        scale, q = self._params(params, x)
+        if not self.shift:
+            return fq_adalog(x, scale, q, self.bits)
+        return fq_adalog(x + self.shift, scale, q, self.bits).sub_(self.shift)
+
+    def _params(self, params, x) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scale is None:
+            return params
+        return torch.tensor(self.scale, dtype=x.dtype, device=x.device), params[0]
+
+    def prepare(self, x: torch.Tensor) -> tuple:
+        """``(x + shift, λ)`` with ``λ = −log2(x + shift)``, ``+inf`` where ``x + shift ≤ 0`` (zero code)."""
+        xs = x + self.shift if self.shift else x
+        lam = torch.where(xs > 0, xs, 1.0).log2_().neg_().masked_fill_(xs <= 0, float("inf"))
+        return xs, lam
+
+    def delta(self, x, prep, *params, dtype: torch.dtype) -> torch.Tensor:
+        """Codes ``round(max(λ + log2 s, 0)·r/q)`` (≥ 2^b → the zero code), then ``s·T_q[code] − (x + shift)``.
+
+        With a fixed scale 1 the codes are the exact ones (``λ·r/q`` is what the exact form computes)
+        except for ``0 < x < 1e-15`` (flushed to 0 here; a value ~1e-15 in the exact form); with a
+        searched scale ``log2 x − log2 s`` may round apart from ``log2(x/s)`` by an ulp."""
+        xs, lam = prep
+        scale, q = self._params(params, x)
+        n = n_value_codes(self.bits)
+        tables, inv_step = self._tables(x, scale, q), ADALOG_R / q.to(x.dtype)
+        if self.scale is None:
+            u = torch.add(lam, torch.log2(scale)).mul_(inv_step)
+        else:
+            u = lam * inv_step
+        u.clamp_(min=0.0).round_().clamp_(max=float(n))
+        return _minus(_gather_rows(tables, u), xs, dtype)
+
+    def _tables(self, x, scale, q) -> torch.Tensor:
+        """``s·T_q`` per candidate: ``[C, n + 1]`` (zero code last)."""
+        tables = torch.stack([_adalog_table(int(v), self.bits) for v in q.reshape(-1).tolist()])
+        return tables.to(x.device, x.dtype) * (scale.reshape(-1, 1) if self.scale is None else self.scale)
+
+    def fused_error(self, x, prep, *params_and_pb) -> torch.Tensor:
+        """``Σ_r (Δ P + B)²`` of one candidate in one compiled pass (:mod:`~edgecompress.quantize.vit_ptq.fused`)."""
+        *params, p, b = params_and_pb
+        xs, lam = prep
+        scale, q = self._params(params, x)
+        l2s = torch.log2(scale).reshape(()) if self.scale is None else torch.zeros(())
+        inv = (ADALOG_R / q.to(x.dtype)).reshape(())
+        tab = self._tables(x, scale, q)[0]
+        return fused.adalog_error(lam, xs, l2s, inv, tab, n_value_codes(self.bits), p, b)

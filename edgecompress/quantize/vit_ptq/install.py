@@ -57,9 +57,16 @@ def _probs_quantizer(kind: str, bits: int, params: dict) -> nn.Module:
 
 
 def install_attention(
-    model: nn.Module, name: str, qk: MatmulParams, av: MatmulParams, kind: str, bits: int
+    model: nn.Module,
+    name: str,
+    qk: MatmulParams,
+    av: MatmulParams,
+    kind: str,
+    bits: int,
+    extra: dict | None = None,
 ) -> None:
-    """Per-head uniform Q, K, V and the softmax quantizer of one AttentionAdapter."""
+    """Per-head uniform Q, K, V and the softmax quantizer of one AttentionAdapter; ``extra`` joins
+    each quantizer's report entry (e.g. the rank that searched it)."""
     head = (1, -1, 1, 1)
     qk_db = round(10 * float(torch.log10(torch.tensor(qk.ref_power / max(qk.mse, 1e-30)))), 2)
     av_db = round(10 * float(torch.log10(torch.tensor(av.ref_power / max(av.mse, 1e-30)))), 2)
@@ -75,5 +82,7 @@ def install_attention(
             "layer_sqnr_db": db,
             "matmul": "q@k^T" if pair is qk else "A@V",
             "search_rounds": pair.rounds,
+            "search_seconds": pair.seconds,
+            **(extra or {}),
         }
         add_to_chain(model, f"{name}.{point}", mod)

@@ -14,33 +14,31 @@ search does not depend on the previous weights, so a round that returns the inpu
 started from would be repeated bit for bit by every further round; the loop stops there
 (``LinearParams.rounds`` says how many ran).
 
-Exact algebraic shortcuts keep the candidate batches affordable on a CPU (they change the cost,
-not the value, up to float rounding; tests compare them with the direct products):
-
-* weight candidates of ``Y = X̂ Wᵀ``: with ``D = Ŵ_c − W``, ``E = (X̂ − X) Wᵀ``, ``H = X̂ᵀX̂ / T``,
-  ``mse_o = D_o H D_oᵀ + 2 D_o·(Eᵀ X̂ / T)_o + mean(E_o²)`` — cost ``O·K²`` per candidate instead of
-  ``T·O·K`` (used when ``K < T``);
-* activation candidates: with ``Δ = X̂_c − X`` and ``F`` the error
-  from the other operand, ``‖Δ Ŵᵀ + F‖² = tr(Δ ŴᵀŴ Δᵀ) + 2⟨Δ, F Ŵ⟩ + ‖F‖²`` — used when the
-  reduced dimension is the smaller one.
-
-Candidates are evaluated in chunks bounded by ``CHUNK_ELEMENTS`` floats per intermediate, with
-the allocation-light quantizers of :mod:`~edgecompress.quantize.vit_ptq.fastq`.
+Scoring (``dtype``): fp32 scores every candidate with the reference objectives of
+:mod:`~edgecompress.quantize.vit_ptq.reference` (exact Gram/Hessian shortcuts, bit-identical to
+earlier versions); bf16 scores them with the bf16 products of
+:mod:`~edgecompress.quantize.vit_ptq.scoring` and re-scores each search's final survivors with the
+reference, so every returned parameter set is chosen, and its error reported, in fp32. The
+self-MSE pre-searches use the exact sorted-moment form (:mod:`~edgecompress.quantize.vit_ptq.selfmse`)
+on the bf16 path. The fixed-point stop holds on both paths (each is deterministic).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from edgecompress.quantize.log import fake_quant_adalog
-from edgecompress.quantize.search import adalog_joint_search, chunked, fpcs, percentile_ranges
-from edgecompress.quantize.vit_ptq.fastq import fq_adalog, fq_uniform
-
-CHUNK_ELEMENTS = 2**20  # floats per candidate-batch intermediate: about the L2 cache; measured fastest
-Quant = Callable[..., torch.Tensor]
+from edgecompress.quantize.search import adalog_joint_search, fpcs, percentile_ranges
+from edgecompress.quantize.vit_ptq import reference
+from edgecompress.quantize.vit_ptq.fastq import AdaLogCandidates, UniformCandidates, fq_uniform
+from edgecompress.quantize.vit_ptq.reference import Quant, tensor_mse_score
+from edgecompress.quantize.vit_ptq.scoring import act_score, exact_of, weight_score, with_exact
+from edgecompress.quantize.vit_ptq.selfmse import sorted_mse_score
 
 
 def same_params(a, b) -> bool:
@@ -49,76 +47,42 @@ def same_params(a, b) -> bool:
     return all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in pairs)
 
 
-def chunk_size(per_candidate: int) -> int:
-    """Candidates per call so that one intermediate holds about ``CHUNK_ELEMENTS`` floats."""
-    return max(1, CHUNK_ELEMENTS // max(per_candidate, 1))
+def self_fpcs(
+    x: torch.Tensor, bits: int, free_zero_point: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FPCS of each row of ``x`` [G, N] on its own MSE: ``(scale [G], zero_point [G])``.
 
-
-def tensor_mse_score(x: torch.Tensor, bits: int) -> Callable:
-    """Per-group MSE of ``x`` [G, N] itself (weight or input pre-search): ``[C, G] → [C, G]``."""
-
-    def score(scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-        d = fq_uniform(x, scale[..., None], zp[..., None], bits).sub_(x)  # [C, G, N]
-        return d.mul_(d).mean(-1)
-
-    return chunked(score, chunk_size(x.numel()))
-
-
-def self_fpcs(x: torch.Tensor, bits: int, free_zero_point: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """FPCS of each row of ``x`` [G, N] on its own MSE: ``(scale [G], zero_point [G])``."""
-    s, z, _ = fpcs(tensor_mse_score(x, bits), percentile_ranges(x), bits, free_zero_point=free_zero_point)
+    ``dtype`` bf16 (the fast path) scores with the exact sorted-moment form
+    (:func:`~edgecompress.quantize.vit_ptq.selfmse.sorted_mse_score`), fp32 element by element."""
+    score = tensor_mse_score(x, bits) if dtype == torch.float32 else sorted_mse_score(x, bits)
+    s, z, _ = fpcs(score, percentile_ranges(x), bits, free_zero_point=free_zero_point)
     return s, z
 
 
 # --- Linear: Y = X Wᵀ (+ b, which cancels in every error) ------------------------------------------
 
 
-def weight_output_score(x_hat: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bits: int) -> Callable:
-    """Output MSE per output channel for weight candidates, inputs fixed at ``x_hat`` [T, K]."""
-    t, k = x.shape
-    if t <= k:
-        y = x @ w.T  # [T, O]
+def weight_output_score(
+    x_hat: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+) -> Callable:
+    """Output MSE per output channel for weight candidates, inputs fixed at ``x_hat`` [T, K].
 
-        def direct(scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-            wq = fq_uniform(w, scale[..., None], zp[..., None], bits)  # [C, O, K]
-            err = (x_hat @ wq.transpose(1, 2)).sub_(y)  # [C, T, O]
-            return err.mul_(err).mean(1)  # [C, O]
-
-        return chunked(direct, chunk_size(t * w.shape[0] + w.numel()))
-    h = x_hat.T @ x_hat / t  # [K, K]
-    e = (x_hat - x) @ w.T  # [T, O]
-    g = e.T @ x_hat / t  # [O, K]
-    e2 = e.pow(2).mean(0)  # [O]
-
-    def hessian(scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-        d = fq_uniform(w, scale[..., None], zp[..., None], bits).sub_(w)  # [C, O, K]
-        return (d @ h).add_(g, alpha=2.0).mul_(d).sum(-1).add_(e2)  # [C, O]
-
-    return chunked(hessian, chunk_size(2 * w.numel()))
+    ``dtype`` fp32: the reference score; bf16: :func:`~edgecompress.quantize.vit_ptq.scoring.weight_score`
+    carrying the reference as its fp32 twin."""
+    exact = reference.weight_output_score(x_hat, x, w, bits)
+    return exact if dtype == torch.float32 else with_exact(weight_score(x_hat, x, w, bits, dtype), exact)
 
 
-def act_output_score(x: torch.Tensor, w_hat: torch.Tensor, w: torch.Tensor, quant: Quant) -> Callable:
+def act_output_score(
+    x: torch.Tensor, w_hat: torch.Tensor, w: torch.Tensor, quant: Quant, dtype: torch.dtype = torch.float32
+) -> Callable:
     """Output MSE (per tensor) for input candidates: ``score(*params [C]) → [C]``.
 
     ``quant(x, *params)`` gets each param shaped ``[C, 1, 1]`` and returns ``x̂`` [C, T, K].
+    ``dtype`` as in :func:`weight_output_score` (bf16: :func:`~edgecompress.quantize.vit_ptq.scoring.act_score`).
     """
-    t, k = x.shape
-    o = w.shape[0]
-    f = x @ (w_hat - w).T  # [T, O]: the weight quantizer's share of the error
-    gram = k < o
-    m, fw = (w_hat.T @ w_hat, f @ w_hat) if gram else (None, None)  # [K, K], [T, K]
-    f2 = f.pow(2).sum()
-
-    def score(*params: torch.Tensor) -> torch.Tensor:
-        delta = quant(x, *(p.reshape(-1, 1, 1) for p in params)).sub_(x)  # [C, T, K]
-        if gram:
-            tot = (delta @ m).add_(fw, alpha=2.0).mul_(delta).sum((1, 2)).add_(f2)
-        else:
-            err = (delta @ w_hat.T).add_(f)  # [C, T, O]
-            tot = err.mul_(err).sum((1, 2))
-        return tot / (t * o)  # [C]
-
-    return chunked(score, chunk_size(t * max(k, o) * 2))
+    exact = reference.act_output_score(x, w_hat, w, quant)
+    return exact if dtype == torch.float32 else with_exact(act_score(x, w_hat, w, quant, dtype), exact)
 
 
 @dataclass
@@ -131,14 +95,34 @@ class LinearParams:
     mse: float
     ref_power: float  # mean(Y²) of the float output, for SQNR
     rounds: int = 0  # alternation rounds run (fewer than asked when a fixed point was reached)
+    seconds: dict = field(default_factory=dict)  # wall seconds per search: "weight", "input"
+
+
+class Stopwatch:
+    """Wall seconds per named step, summed: ``with sw("weight"): ...``; ``sw.seconds`` rounded."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - t0
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.totals.items()}
 
 
 def _uniform_act(a_bits: int) -> Quant:
-    return lambda x, s, z: fq_uniform(x, s, z, a_bits)
+    return UniformCandidates(a_bits)
 
 
 def _adalog_act(a_bits: int, shift: float) -> Quant:
-    return lambda x, s, q: fq_adalog(x + shift, s, q, a_bits).sub_(shift)
+    return AdaLogCandidates(a_bits, shift)
 
 
 def act_quantize(x: torch.Tensor, act: dict, a_bits: int) -> torch.Tensor:
@@ -148,15 +132,30 @@ def act_quantize(x: torch.Tensor, act: dict, a_bits: int) -> torch.Tensor:
     return fq_uniform(x, act["scale"], act["zero_point"], a_bits)
 
 
-def _search_act(x, w_hat, w, a_bits, act: dict, ranges) -> dict:
+def _search_act(x, w_hat, w, a_bits, act: dict, ranges, dtype: torch.dtype = torch.float32) -> dict:
     if "q" in act:
-        quant = _adalog_act(a_bits, act["shift"])
-        score = act_output_score(x, w_hat, w, quant)
-        s, q, _ = adalog_joint_search(score, ranges[0], ranges[1], act["scale"])
+        score = act_output_score(x, w_hat, w, _adalog_act(a_bits, act["shift"]), dtype)
+        s, q, _ = adalog_joint_search(score, ranges[0], ranges[1], act["scale"], exact=exact_of(score))
         return {"scale": s, "q": q, "shift": act["shift"]}
-    score = act_output_score(x, w_hat, w, _uniform_act(a_bits))
-    s, z, _ = fpcs(lambda s_, z_: score(s_, z_)[:, None], ranges, a_bits)
+    score = act_output_score(x, w_hat, w, _uniform_act(a_bits), dtype)
+    exact = exact_of(score)
+    s, z, _ = fpcs(
+        lambda s_, z_: score(s_, z_)[:, None],
+        ranges,
+        a_bits,
+        exact=None if exact is None else lambda s_, z_: exact(s_, z_)[:, None],
+    )
     return {"scale": s[0], "zero_point": z[0]}
+
+
+def _start_act(x: torch.Tensor, a_bits: int, shift: float | None, dtype: torch.dtype) -> tuple[dict, object]:
+    """The input quantizer the first round starts from and the ranges its searches draw from."""
+    if shift is None:
+        s, z = self_fpcs(x.reshape(1, -1), a_bits, dtype=dtype)
+        return {"scale": s[0], "zero_point": z[0]}, percentile_ranges(x.reshape(1, -1))
+    pos = percentile_ranges(x[x > 0].reshape(1, -1))
+    lo, hi = pos.inner_hi[0] + shift, pos.outer_hi[0] + shift
+    return {"scale": lo + (hi - lo) * 126 / 127, "q": torch.tensor(37.0), "shift": shift}, (lo, hi)
 
 
 def search_linear(
@@ -166,41 +165,42 @@ def search_linear(
     a_bits: int,
     rounds: int = 3,
     post_gelu_shift: float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LinearParams:
     """AdaLog's per-Linear protocol on float inputs ``x`` [T, K] and weight ``w`` [O, K].
 
     ``post_gelu_shift=None``: uniform per-tensor input. Otherwise an AdaLog input quantizer on
     ``x + shift`` with the joint (q, scale) search; its start scale is the second-to-last of 128
     points between the 90th and 100th percentile of the positive shifted inputs (official code).
+    ``dtype``: precision of the candidate products (bf16: final survivors re-scored in fp32).
     """
     if rounds < 1:
         raise ValueError("rounds must be ≥ 1")
-    if post_gelu_shift is None:
-        ranges = percentile_ranges(x.reshape(1, -1))
-        s, z = self_fpcs(x.reshape(1, -1), a_bits)
-        act = {"scale": s[0], "zero_point": z[0]}
-    else:
-        pos = percentile_ranges(x[x > 0].reshape(1, -1))
-        lo, hi = pos.inner_hi[0] + post_gelu_shift, pos.outer_hi[0] + post_gelu_shift
-        ranges = (lo, hi)
-        act = {"scale": lo + (hi - lo) * 126 / 127, "q": torch.tensor(37.0), "shift": post_gelu_shift}
+    sw = Stopwatch()
+    with sw("input"):
+        act, ranges = _start_act(x, a_bits, post_gelu_shift, dtype)
     w_ranges = percentile_ranges(w)
     done = 0
     while done < rounds:
         done += 1
-        x_hat = act_quantize(x, act, a_bits)
-        ws, wz, _ = fpcs(weight_output_score(x_hat, x, w, w_bits), w_ranges, w_bits)
-        w_hat = fq_uniform(w, ws[:, None], wz[:, None], w_bits)
-        new_act = _search_act(x, w_hat, w, a_bits, act, ranges)
+        with sw("weight"):
+            score = weight_output_score(act_quantize(x, act, a_bits), x, w, w_bits, dtype)
+            ws, wz, _ = fpcs(score, w_ranges, w_bits, exact=exact_of(score))
+            w_hat = fq_uniform(w, ws[:, None], wz[:, None], w_bits)
+        with sw("input"):
+            new_act = _search_act(x, w_hat, w, a_bits, act, ranges, dtype)
         fixed = same_params(new_act, act)
         act = new_act
         if fixed:  # the next round would start from the same input quantizer: it repeats this one
             break
     y = x @ w.T
-    y_hat = act_quantize(x, act, a_bits) @ fq_uniform(w, ws[:, None], wz[:, None], w_bits).T
-    return LinearParams(ws, wz, act, float((y_hat - y).pow(2).mean()), float(y.pow(2).mean()), done)
+    y_hat = act_quantize(x, act, a_bits) @ w_hat.T
+    mse, power = float((y_hat - y).pow(2).mean()), float(y.pow(2).mean())
+    return LinearParams(ws, wz, act, mse, power, done, sw.seconds)
 
 
-def channel_act_search(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_act_search(
+    x: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-input-channel (scale, zp) [K] of a post-LN input ``x`` [T, K] by input MSE (free zp)."""
-    return self_fpcs(x.T.contiguous(), bits, free_zero_point=True)
+    return self_fpcs(x.T.contiguous(), bits, free_zero_point=True, dtype=dtype)
