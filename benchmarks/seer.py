@@ -4,15 +4,15 @@
 
 Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs beside it):
 
-* ``speed`` — the gathered CPU form (:func:`edgecompress.sparsity.seer.execute.gathered`) against
-  PyTorch SDPA (dense, its fused CPU kernel) at 4k/8k/16k tokens, 8 heads, head dim 64, batch 1,
-  float32, densities 1.0/0.5/0.3/0.1 (per-row top-k of random scores, diagonal and first block
+* ``speed`` — the core's CPU form (FlexAttention compiled by Inductor,
+  :mod:`edgecompress.sparsity.seer.flex`; compiled by the warm-up call) against PyTorch SDPA (dense,
+  its fused CPU kernel) at 4k/8k/16k tokens, 8 heads, head dim 64, batch 1, float32, densities 1.0/0.5/0.3/0.1 (per-row top-k of random scores, diagonal and first block
   forced, decoders' last 2 rows dense), causal and not. Each configuration alternates dense and
   sparse calls in one process (``--reps`` each after a warm-up) and reports the ratio of medians.
   At density 1.0 the core runs SDPA itself (every block kept), so that row is SDPA vs SDPA.
-* ``forms`` — at 4k tokens, density 0.3: the gathered form over SDPA against the same gather with
-  an explicit matmul + softmax, and against FlexAttention compiled for the CPU with the same block
-  mask (which form the core uses).
+* ``forms`` — at 4k and 16k tokens (``--forms-lengths``), density 0.3, causal and not: the gathered
+  form and FlexAttention compiled for the CPU (:mod:`edgecompress.sparsity.seer.flex`), each over
+  SDPA, alternated in one process (which form the core uses).
 * ``minilm`` — demo:minilm at 512 tokens (built-in texts concatenated): gates trained by the pass
   on the train texts (held-out KL before/after), then mean embedding cosine and nearest-neighbour
   agreement to the dense model on the test texts at densities 0.5/0.3/0.1 for the trained gates
@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ ROOT = HERE.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 from edgecompress.sparsity.seer import execute as X  # noqa: E402
+from edgecompress.sparsity.seer.flex import flex  # noqa: E402
 from edgecompress.sparsity.seer.gate import allowed_blocks  # noqa: E402
 from edgecompress.sparsity.seer.masks import forced_blocks, select_blocks  # noqa: E402
 
@@ -54,6 +56,7 @@ def _args(argv):
     p.add_argument("--parts", nargs="+", default=["speed", "forms", "minilm", "lm"])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--forms-lengths", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--minilm-steps", type=int, default=60)
@@ -77,7 +80,7 @@ def machine() -> str:
     return os.environ.get("EDGE_MACHINE", "xeon-amx")
 
 
-RUN_DATE = os.environ.get("EDGE_RUN_DATE", "2026-12-05")  # the project's session date (results file name)
+RUN_DATE = os.environ.get("EDGE_RUN_DATE", "2026-12-06")  # the project's session date (results file name)
 
 
 def result_path(out: Path) -> Path:
@@ -133,10 +136,11 @@ def time_config(q, k, v, keep, allowed, causal: bool, block: int, reps: int) -> 
     d = q.shape[-1]
     full = bool((keep == allowed.expand_as(keep)).all())
 
-    def sparse():
-        if full:  # what the core does when every allowed block is kept
+    def sparse():  # what the core's form "auto" runs on CPU without a model bias
+        if full:  # every allowed block kept: SDPA
             return X.dense(q, k, v, None, causal, d**-0.5)
-        return X.gathered(q, k, v, keep, None, causal, d**-0.5, block)
+        out = flex(q, k, v, keep, causal, d**-0.5, block)
+        return X.gathered(q, k, v, keep, None, causal, d**-0.5, block) if out is None else out
 
     return alternate({"dense": lambda: X.dense(q, k, v, None, causal, d**-0.5), "sparse": sparse}, reps)
 
@@ -166,71 +170,37 @@ def speed(args) -> list[dict]:
 # ---- forms ---------------------------------------------------------------------------------------
 
 
-def matmul_gathered(q, k, v, keep, block):
-    """The same gather, then an explicit matmul + softmax per chunk (non-causal, N a block multiple)."""
-    b, h, n, d = q.shape
-    nb = n // block
-    index = X.block_mask_to_index(keep)
-    w = int(index.counts.max())
-    kb, vb = k.reshape(b * h * nb, block, d), v.reshape(b * h * nb, block, d)
-    base = (torch.arange(b * h) * nb).view(b, h, 1, 1)
-    out = torch.empty_like(q)
-    for r0 in range(0, nb, 8):
-        r1 = min(nb, r0 + 8)
-        lin = (base + index.indices[:, :, r0:r1, :w].clamp(min=0)).reshape(-1)
-        kg = kb.index_select(0, lin).view(b, h * (r1 - r0), w * block, d)
-        vg = vb.index_select(0, lin).view(b, h * (r1 - r0), w * block, d)
-        qc = q[:, :, r0 * block : r1 * block].reshape(b, h * (r1 - r0), block, d)
-        s = (qc @ kg.transpose(-1, -2)) * d**-0.5
-        out[:, :, r0 * block : r1 * block] = (s.softmax(-1) @ vg).view(b, h, (r1 - r0) * block, d)
-    return out
-
-
 @torch.no_grad()
 def forms(args) -> list[dict]:
-    n, d, block, density = 4096, 64, 64, 0.3
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, args.heads, n, d, generator=g) for _ in range(3))
-    keep, _ = random_keep(1, args.heads, n, block, False, density, forced=False)  # equal counts per row
-    ref = X.masked_dense(q, k, v, keep, None, False, d**-0.5, block)
-    fns = {
-        "sdpa_dense": lambda: X.dense(q, k, v, None, False, d**-0.5),
-        "gathered_sdpa": lambda: X.gathered(q, k, v, keep, None, False, d**-0.5, block),
-        "gathered_matmul": lambda: matmul_gathered(q, k, v, keep, block),
-    }
-    errors = {name: float((f() - ref).abs().max()) for name, f in fns.items() if name != "sdpa_dense"}
-    flex_note = None
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        nb = n // block
-        table = keep[0]
-
-        def mod(b_, h_, qi, ki):
-            return table[h_, qi // block, ki // block]
-
-        t0 = time.perf_counter()
-        bm = create_block_mask(mod, 1, args.heads, n, n, device="cpu", BLOCK_SIZE=block)
-        compiled = torch.compile(flex_attention)
-        errors["flex"] = float((compiled(q, k, v, block_mask=bm) - ref).abs().max())
-        flex_note = f"compile + first call {time.perf_counter() - t0:.1f} s; {nb} blocks"
-        fns["flex"] = lambda: compiled(q, k, v, block_mask=bm)
-    except Exception as e:  # the CPU inductor needs a compiler; record why it did not run
-        flex_note = f"FlexAttention did not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    t = alternate(fns, args.reps)
-    rows = [
-        {"form": name, "seconds": round(s, 4), "speedup_vs_dense": round(t["sdpa_dense"] / s, 3),
-         "max_abs_error": errors.get(name)}
-        for name, s in t.items()
-    ]  # fmt: skip
-    for r in rows:
-        print(json.dumps(r), flush=True)
-    return rows, {
-        "tokens": n,
-        "density": density,
-        "kept": round(float(keep.float().mean()), 4),
-        "flex": flex_note,
-    }
+    """Each CPU form against SDPA, alternated in one process per configuration (compiling excluded:
+    FlexAttention's first call, timed apart, compiles it)."""
+    d, block, density, rows = 64, 64, 0.3, []
+    for n in args.forms_lengths:
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(1, args.heads, n, d, generator=g) for _ in range(3))
+        for causal in (False, True):
+            keep, allowed = random_keep(1, args.heads, n, block, causal, density)
+            ref = X.masked_dense(q, k, v, keep, None, causal, d**-0.5, block) if n <= 4096 else None
+            t0 = time.perf_counter()
+            flex(q, k, v, keep, causal, d**-0.5, block)
+            first = time.perf_counter() - t0
+            fns = {
+                "sdpa_dense": partial(X.dense, q, k, v, None, causal, d**-0.5),
+                "gathered": partial(X.gathered, q, k, v, keep, None, causal, d**-0.5, block),
+                "flex": partial(flex, q, k, v, keep, causal, d**-0.5, block),
+            }
+            t = alternate(fns, args.reps)
+            for name, s in t.items():
+                err = None if ref is None or name == "sdpa_dense" else float((fns[name]() - ref).abs().max())
+                row = {
+                    "tokens": n, "causal": causal, "density": density,
+                    "kept": round(float(keep.sum() / allowed.expand_as(keep).sum()), 4), "form": name,
+                    "seconds": round(s, 4), "speedup_vs_dense": round(t["sdpa_dense"] / s, 3),
+                    "max_abs_error": err, "flex_first_call_s": round(first, 1) if name == "flex" else None,
+                }  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows, {"heads": args.heads, "head_dim": d, "block": block}
 
 
 def speed_png(rows: list[dict], path: Path) -> None:

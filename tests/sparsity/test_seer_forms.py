@@ -2,9 +2,11 @@
 
 Oracles and tolerances (float32 inputs, outputs of magnitude ~1):
 
-* the gathered CPU form against the masked-dense reference: 2e-6 absolute (same math, another
-  summation order); odd lengths 59, 97, 130 (partial last blocks), a sequence shorter than a block,
-  causal and not, GQA, an additive padding mask and a real-valued bias;
+* the CPU forms (gathered; FlexAttention compiled by Inductor) against the masked-dense reference:
+  2e-6 absolute (same math, another summation order); odd lengths 59, 97, 130 (partial last
+  blocks), a sequence shorter than a block, causal and not, GQA, padding (both forms) and a
+  real-valued bias (the gathered form; FlexAttention hands it to the gathered form); without a
+  working C++ compiler FlexAttention warns and the core's result is the gathered form's;
 * the masked-dense reference against the project's kernel twin
   :func:`edgecompress.kernels.reference.block_sparse_attention` (no bias): 1e-6;
 * padding: the real rows of a padded sample equal the same sample without its padding: 2e-6;
@@ -15,6 +17,8 @@ Oracles and tolerances (float32 inputs, outputs of magnitude ~1):
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -22,6 +26,7 @@ from edgecompress.kernels import attention_with_pooled_probs
 from edgecompress.kernels import reference as R
 from edgecompress.kernels.ops import HAS_TRITON
 from edgecompress.sparsity.seer import execute as X
+from edgecompress.sparsity.seer import flex as FX
 from edgecompress.sparsity.seer.core import SeerAttentionCore
 
 H, HKV, D = 4, 2, 16
@@ -49,18 +54,47 @@ def _padding_bias(n: int, valid: torch.Tensor, causal: bool) -> torch.Tensor:
     return torch.zeros(ok.shape).masked_fill(~ok, MIN)
 
 
+def _flex(q, k, v, keep, causal, block, valid=None):
+    got = FX.flex(q, k, v, keep, causal, D**-0.5, block, valid)
+    assert got is not None, "FlexAttention did not compile (see the warning)"
+    return got
+
+
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("n,block", [(59, 16), (97, 32), (130, 32), (13, 16)])
-def test_gathered_equals_the_masked_reference(n, block, causal):
+@pytest.mark.parametrize("n,block", [(59, 16), (97, 16), (130, 16), (13, 16), (97, 32), (130, 32)])
+def test_cpu_forms_equal_the_masked_reference(n, block, causal):
     q, k, v = _inputs(n)
     keep = _keep(q, k, block, causal)
+    keep[0, 1, -1] = False  # a row that keeps nothing outputs zeros
     ref = X.masked_dense(q, k, v, keep, None, causal, D**-0.5, block)
     for budget in (X.GATHER_BYTES, 1):  # all query blocks in one chunk / one per chunk
         got = X.gathered(q, k, v, keep, None, causal, D**-0.5, block, budget=budget)
         torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    if block == 16:  # FlexAttention compiles per block size: one size keeps CI short
+        torch.testing.assert_close(_flex(q, k, v, keep, causal, block), ref, rtol=0, atol=2e-6)
     if block >= 32:  # the kernels' block sizes
         twin = R.block_sparse_attention(q, k, v, keep, causal, D**-0.5, block=block)
         torch.testing.assert_close(ref, twin, rtol=0, atol=1e-6)
+
+
+def test_flex_falls_back_to_the_gathered_form_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(FX, "_FAILED", {})  # this process's record of failed variants, restored after
+    n, block = 97, 16
+    q, k, v = (t.half() for t in _inputs(n, b=1))  # float16: a variant no other test compiles
+    core = SeerAttentionCore(H, HKV, D, D, block, True, density=0.4, form="flex")
+    keep = core.choose(q.float(), k.float())[0]
+    cfg = {"cpp.cxx": ("no-such-compiler",), "fx_graph_cache": False}
+    with (
+        torch._inductor.config.patch(cfg),
+        torch._dynamo.config.patch(recompile_limit=64),  # other tests' variants may have used up the 8
+        pytest.warns(UserWarning, match="InvalidCxxCompiler"),
+    ):
+        got = core.execute(q, k, v, keep, None, D**-0.5)
+    assert list(FX._FAILED) == [(True, torch.float16, True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second try, no second warning
+        assert FX.flex(q, k, v, keep, True, D**-0.5, block) is None
+    torch.testing.assert_close(got, X.gathered(q, k, v, keep, None, True, D**-0.5, block), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -92,6 +126,7 @@ def test_padding_rows_equal_the_unpadded_sample(causal):
     got = X.gathered(q, k, v, keep, None, causal, D**-0.5, block, valid)
     ref = X.masked_dense(q, k, v, keep, None, causal, D**-0.5, block, valid)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(_flex(q, k, v, keep, causal, block, valid), ref, rtol=0, atol=2e-6)
     as_bias = X.gathered(q, k, v, keep, full, causal, D**-0.5, block)  # the same mask as a general bias
     torch.testing.assert_close(as_bias, ref, rtol=0, atol=2e-6)
     nb_real = -(-real // block)
@@ -137,6 +172,8 @@ def test_core_runs_dense_below_min_seq_len_and_at_full_density():
         assert torch.equal(short(q, k, v, None, D**-0.5, None), dense)
         assert torch.equal(full(q, k, v, None, D**-0.5, None), dense)
         assert (sparse(q, k, v, None, D**-0.5, None) - dense).abs().max() > 1e-3
+    assert sparse.pick_form(q, None, None) == "gathered"  # FlexAttention's compile pays from 1024 tokens
+    assert sparse.pick_form(q.new_empty(1, H, 1024, D), None, None) == "flex"
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

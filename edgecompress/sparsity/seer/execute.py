@@ -8,16 +8,15 @@ beyond that (``None``: none; :func:`simplify_bias` splits the model's mask into 
 kept key outputs zeros.
 
 * :func:`masked_dense` — the reference (oracle): every score computed, the dropped blocks masked;
-* :func:`gathered` — the CPU form that skips the work: per chunk of query blocks (a cache-sized
-  chunk, into buffers allocated once per call), the kept K/V blocks are gathered (one
+* :func:`gathered` — a CPU form that skips the work without compiling: per chunk of query blocks
+  (a cache-sized chunk, into buffers allocated once per call), the kept K/V blocks are gathered (one
   ``index_select`` each) and the chunk runs PyTorch's fused CPU flash-attention kernel against
   them, with a mask only where one is needed (a partial last block, padding, a bias). Decoders run
   each row's diagonal block apart with the kernel's own causal mask and merge the two parts by
-  their log-sum-exp, so no query-dependent mask is built. Cost: the kept blocks' FLOPs plus one copy
-  of their K/V (2/block bytes per FLOP). Measured on the 2-core Xeon (``benchmarks/seer.py``): slower
-  than SDPA except near 10 % density; in one ``forms`` run FlexAttention compiled for the CPU was
-  2.7× SDPA at 30 % density and this form 0.53× (a re-run moved both gathers by 5×: a loaded
-  machine), so replacing this form with FlexAttention is the open next step;
+  their log-sum-exp, so no query-dependent mask is built. Measured on the 2-core Xeon
+  (``benchmarks/seer.py --parts forms``, 2026-12-06): 0.16-0.37x SDPA at 30 % density, 4k and 16k
+  tokens, where FlexAttention (:mod:`.flex`, the core's CPU form from 1024 tokens) was 1.1-1.4x;
+  the core runs this form below 1024 tokens, with a model bias, and where compiling fails;
 * the Triton kernel :func:`edgecompress.kernels.block_sparse_attention` (index-list masks: a skipped
   block costs nothing) on CUDA, where there is no bias beyond the causal mask;
 * :func:`dense` — PyTorch SDPA, for sequences below the pass's ``min_seq_len`` and rows that keep
