@@ -70,7 +70,11 @@ def test_cpu_forms_equal_the_masked_reference(n, block, causal):
     for budget in (X.GATHER_BYTES, 1):  # all query blocks in one chunk / one per chunk
         got = X.gathered(q, k, v, keep, None, causal, D**-0.5, block, budget=budget)
         torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
-    if block == 16:  # FlexAttention compiles per block size: one size keeps CI short
+    if n < block:  # one block: FlexAttention leaves it to the gathered form (no compile of its own)
+        assert FX.flex(q, k, v, keep, causal, D**-0.5, block) is None
+        core = SeerAttentionCore(H, HKV, D, D, block, causal, form="flex")
+        torch.testing.assert_close(core.execute(q, k, v, keep, None, D**-0.5), ref, rtol=0, atol=2e-6)
+    elif block == 16:  # FlexAttention compiles per block size: one size keeps CI short
         torch.testing.assert_close(_flex(q, k, v, keep, causal, block), ref, rtol=0, atol=2e-6)
     if block >= 32:  # the kernels' block sizes
         twin = R.block_sparse_attention(q, k, v, keep, causal, D**-0.5, block=block)
@@ -90,7 +94,7 @@ def test_flex_falls_back_to_the_gathered_form_without_a_compiler(monkeypatch):
         pytest.warns(UserWarning, match="InvalidCxxCompiler"),
     ):
         got = core.execute(q, k, v, keep, None, D**-0.5)
-    assert list(FX._FAILED) == [(True, torch.float16, True)]
+    assert list(FX._FAILED) == [(torch.float16, True, block)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second try, no second warning
         assert FX.flex(q, k, v, keep, True, D**-0.5, block) is None

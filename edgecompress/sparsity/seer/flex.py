@@ -8,14 +8,16 @@ diagonal block, padding keys, and the tail past ``N`` of a partial last block. D
 listed, so the compiled kernel never visits them: its cost is the kept blocks' FLOPs (measured on the
 2-core Xeon in ``benchmarks/seer.py --parts forms speed``).
 
-Compiling: one ``torch.compile(flex_attention, dynamic=True)`` for the process; Dynamo compiles per
-variant (causal or not, dtype, GQA, block size) for the first block count, once more for any other
-(the mask's block tables are specialised first), and apart for a single block, so a model's layers
-and later calls reuse the compiled kernel (a compile costs ~5-20 s on the loaded 2-core Xeon: the
-core's ``auto`` runs this form from :data:`MIN_TOKENS` tokens, where it pays).
-Past Dynamo's recompile limit (8 variants in one process) FlexAttention runs uncompiled: correct (the
-``mask_mod`` names the kept blocks) but dense in cost. Where compiling fails (no C++ compiler, an unsupported dtype), :func:`flex` warns
-once per reason and returns ``None``: the caller runs the gathered form instead.
+Compiling: one ``torch.compile(flex_attention, dynamic=True)`` for the process, with the block
+tables' sizes marked dynamic, so Dynamo compiles once per variant (dtype, GQA, block size; causal or
+not is a tensor of the ``mask_mod``, one kernel serves both), whatever the lengths: a model's layers
+and later calls reuse the kernel. A single block (a size of 1 would be specialised: another compile)
+is left to the caller's gathered form. A
+compile costs ~5-80 s on the 2-core Xeon depending on its load, so the core's ``auto`` runs this
+form from :data:`MIN_TOKENS` tokens. Past Dynamo's recompile limit (8 variants in one process)
+FlexAttention runs uncompiled: correct (the ``mask_mod`` names the kept blocks) but dense in cost.
+Where compiling fails (no C++ compiler, an unsupported dtype such as float64), :func:`flex` warns
+once per variant and returns ``None``: the caller runs the gathered form instead.
 
 Where it does not apply (the caller's choice): autograd (the masked-dense form trains), a model bias
 beyond the causal and padding masks, non-CPU devices (the Triton kernel on CUDA).
@@ -32,7 +34,7 @@ from edgecompress.kernels.inputs import block_mask_to_index
 
 MIN_TOKENS = 1024  # the core's form "auto" runs FlexAttention from here (the gathered form below it)
 _COMPILED = None
-_FAILED: dict[tuple, str] = {}  # (causal, dtype, gqa) -> why compiling failed
+_FAILED: dict[tuple, str] = {}  # (dtype, gqa, block) -> why compiling failed
 
 
 def _compiled():
@@ -44,15 +46,16 @@ def _compiled():
     return _COMPILED
 
 
-def _mask_mod(keep: torch.Tensor, visible: torch.Tensor, block: int, causal: bool):
+def _mask_mod(keep: torch.Tensor, visible: torch.Tensor, causal: torch.Tensor, block: int):
     """The element rule: the key's block is kept, the key is real (``visible`` ``[B, nb·block]``) and,
-    for a decoder, not after the query. The compiled kernel evaluates it in partial blocks only (and
-    visits listed blocks only); uncompiled FlexAttention (Dynamo's recompile limit, compiling
-    disabled) evaluates it everywhere, so it must say which blocks are kept, not only the block lists."""
+    for a decoder (``causal``, a 0-d bool tensor, so that one compiled kernel serves both), not after
+    the query. The compiled kernel evaluates it in partial blocks only (and visits listed blocks
+    only); uncompiled FlexAttention (Dynamo's recompile limit, compiling disabled) evaluates it
+    everywhere, so it must say which blocks are kept, not only the block lists."""
 
     def rule(b, h, q_idx, kv_idx):
         ok = keep[b, h, q_idx // block, kv_idx // block] & visible[b, kv_idx]
-        return ok & (kv_idx <= q_idx) if causal else ok
+        return ok & ((kv_idx <= q_idx) | ~causal)
 
     return rule
 
@@ -73,24 +76,28 @@ def block_mask(keep: torch.Tensor, n: int, block: int, causal: bool, valid=None)
     else:
         partial = keep & partial_col
     part, full = block_mask_to_index(partial), block_mask_to_index(keep & ~partial)
-    keep, visible = keep.contiguous(), visible.contiguous()  # the mask_mod's tensors (marking them
-    # dynamic makes Inductor's C++ template fail to compile in torch 2.14: Dynamo compiles again once)
+    keep, visible = keep.contiguous(), visible.contiguous()
+    for t, dims in ((keep, (2, 3)), (visible, (1,)), *((t, (2, 3)) for t in (part.indices, full.indices)),
+                    *((t, (2,)) for t in (part.counts, full.counts))):  # fmt: skip
+        for dim in dims:  # block counts and lengths dynamic from the first compile (one compile)
+            torch._dynamo.maybe_mark_dynamic(t, dim)
     return BlockMask.from_kv_blocks(
-        part.counts, part.indices, full.counts, full.indices, BLOCK_SIZE=block,
-        mask_mod=_mask_mod(keep, visible, block, causal), seq_lengths=(n, n),
+        part.counts, part.indices, full.counts, full.indices, BLOCK_SIZE=block, compute_q_blocks=False,
+        mask_mod=_mask_mod(keep, visible, torch.tensor(causal, device=keep.device), block), seq_lengths=(n, n),
     )  # fmt: skip
 
 
 def flex(q, k, v, keep, causal: bool, scale: float, block: int, valid=None) -> torch.Tensor | None:
-    """Attention of ``q`` over the kept blocks by compiled FlexAttention; ``None`` where compiling failed.
+    """Attention of ``q`` over the kept blocks by compiled FlexAttention; ``None`` (the caller runs the
+    gathered form) where compiling failed and for a single block (which would compile apart).
 
     Shapes as :mod:`.execute` (GQA: ``k``/``v`` may have fewer heads). Rows with no visible key give 0."""
-    variant = (causal, q.dtype, k.shape[1] != q.shape[1])
-    if variant in _FAILED:
+    variant = (q.dtype, k.shape[1] != q.shape[1], block)
+    if variant in _FAILED or keep.shape[-1] < 2:  # one block: a kernel of its own (sizes of 1 specialise)
         return None
     mask = block_mask(keep, q.shape[2], block, causal, valid)
     try:
-        return _compiled()(q, k, v, block_mask=mask, scale=scale, enable_gqa=variant[2])
+        return _compiled()(q, k, v, block_mask=mask, scale=scale, enable_gqa=variant[1])
     except Exception as e:  # noqa: BLE001 — Inductor's failures have no common type; the caller falls back
         _FAILED[variant] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         warnings.warn(
