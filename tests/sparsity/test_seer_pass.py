@@ -144,18 +144,18 @@ def test_pass_on_a_tiny_llama_with_gqa_rope_and_causal_masks(tmp_path):
 
 
 def test_training_lowers_the_held_out_kl_on_minilm():
-    """demo:minilm (pretrained: real attention patterns), 48 training texts, 12 steps at the paper's lr
-    1e-3: the held-out KL on 16 test texts falls by more than a third (measured: 2.25 → 0.78)."""
+    """demo:minilm (pretrained: real attention patterns), 24 training texts, 8 steps at the paper's lr
+    1e-3: the held-out KL on 8 test texts falls by more than a third (measured: 2.03 → 1.02)."""
     from edgecompress.data.specs import load_samples
 
     loaded = load_model("demo:minilm")
     sets = {
-        "train": load_samples("text", loaded, "train", 48, 8),
-        "eval": load_samples("text", loaded, "test", 16, 16),
+        "train": load_samples("text", loaded, "train", 24, 8),
+        "eval": load_samples("text", loaded, "test", 8, 8),
     }
     ctx = make_context(
         [sets["eval"].batch(slice(0, 2))], loaded.call, torch.device("cpu"), kind="encoder",
-        data=lambda s: sets[s], train=TrainConfig(steps=12, batch_size=8),
+        data=lambda s: sets[s], train=TrainConfig(steps=8, batch_size=8),
     )  # fmt: skip
     passes = recipe_from_dict({"passes": [{"pass": "seer_attention", "block": 16}]}).passes
     torch.manual_seed(0)
