@@ -8,9 +8,18 @@ forced blocks and execution are identical:
 * ``seer`` — the trained gate;
 * ``static`` — local + global: minus the block distance (nearest blocks first, earlier on ties), the
   first block forced as for every method;
-* ``oracle`` — the true pooled attention probabilities of this input (the gate's training target):
-  the upper bound of any block choice at that budget;
+* ``oracle`` — the true pooled attention probabilities of this input (the gate's training target,
+  the block-max);
+* ``oracle_mass`` — the true attention mass of each block (the sum of its probabilities): at a
+  per-row budget no choice keeps more of the softmax;
 * ``random`` — seeded random scores.
+
+Beyond the per-row budget (the ``density`` rule), rows whose budget varies per row and head:
+
+* ``seer`` at ``threshold`` t (the paper's inference rule: blocks whose gate probability exceeds t);
+* ``cover`` at mass m — the oracle with a variable budget: per row the fewest blocks holding a
+  fraction m of the true attention mass (the diagnosis of 2026-12-06: at equal kept fractions it
+  beats every per-row top-k, which the fixed budget, not the block choice, limits).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from edgecompress.calib import make_context
 from edgecompress.data.metrics import evaluate
@@ -37,8 +47,25 @@ from edgecompress.sparsity.seer.masks import forced_blocks, select_blocks
 from edgecompress.sparsity.seer.report import density_table, recording
 from edgecompress.train import TrainConfig
 
-METHODS = ("seer", "static", "oracle", "random")
+METHODS = ("seer", "static", "oracle", "oracle_mass", "random")
 DENSITIES = (0.5, 0.3, 0.1)
+THRESHOLDS = (0.03, 0.05, 0.08, 0.12)  # gate probabilities over 16 key blocks (uniform: 0.0625)
+COVERS = (0.8, 0.85, 0.9)
+
+
+def _block_mass(core, q, k, valid) -> torch.Tensor:
+    """``[B, H, nb, nb]`` the true softmax mass of each (query block, key block) tile (GQA-shared K)."""
+    group = q.shape[1] // k.shape[1]
+    s = (q.float() @ k.repeat_interleave(group, dim=1).float().transpose(-1, -2)) * core.gate.head_dim**-0.5
+    n = q.shape[2]
+    if core.causal:
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    if valid is not None:
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = s.softmax(-1).nan_to_num(nan=0.0)
+    nb = -(-n // core.block)
+    pad = nb * core.block - n
+    return F.pad(p, (0, pad, 0, pad)).view(*p.shape[:2], nb, core.block, nb, core.block).sum(dim=(3, 5))
 
 
 def _scores(core, method: str, q, k, valid, positions):
@@ -48,12 +75,22 @@ def _scores(core, method: str, q, k, valid, positions):
         return -(i[:, None] - i[None, :]).abs() - 1e-3 * i[None, :]
     if method == "random":
         return torch.randn(q.shape[0], q.shape[1], nb, nb, generator=torch.Generator().manual_seed(nb))
+    if method == "oracle_mass":
+        return _block_mass(core, q, k, valid)
     _, truth = X.pooled_truth(q, k, k, None, core.causal, core.gate.head_dim**-0.5, core.block, valid)
     return truth.clamp(min=1e-30).log()
 
 
-def use_method(model, method: str) -> None:
-    """Make every core choose its blocks by ``method`` (``seer``: its own gate)."""
+def _cover(mass: torch.Tensor, allowed, forced, share: float) -> torch.Tensor:
+    """Per row the fewest blocks holding ``share`` of its mass, plus the forced ones."""
+    m = mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
+    order = m.sort(-1, descending=True)
+    need = (order.values.cumsum(-1) - order.values) < share
+    return (torch.zeros_like(need).scatter(-1, order.indices, need) | forced) & allowed
+
+
+def use_method(model, method: str, cover: float | None = None) -> None:
+    """Make every core choose its blocks by ``method`` (``seer``: its own gate; ``cover``: the mass)."""
     for _, a in adapters(model):
         core = a.core
         core.__dict__.pop("choose", None)
@@ -63,19 +100,21 @@ def use_method(model, method: str) -> None:
         def choose(self, q, k, valid=None, positions=None, method=method):
             with torch.no_grad():
                 logits, allowed = self.gate(q, k, valid, positions, self.causal)  # allowed blocks only
-                scores = _scores(self, method, q, k, valid, positions).expand_as(logits)
                 nb = logits.shape[-1]
                 forced = forced_blocks(
                     nb, self.causal, self.keep_diagonal, self.keep_first, self.dense_last_rows
                 )
+                if method == "cover":
+                    return _cover(_block_mass(self, q, k, valid), allowed, forced, cover), allowed
+                scores = _scores(self, method, q, k, valid, positions).expand_as(logits)
                 return select_blocks(scores, allowed, forced, self.density, self.threshold), allowed
 
         core.choose = types.MethodType(choose, core)
 
 
-def set_density(model, density: float) -> None:
+def set_density(model, density: float | None, threshold: float | None = None) -> None:
     for _, a in adapters(model):
-        a.core.density, a.core.threshold = density, None
+        a.core.density, a.core.threshold = density, threshold
 
 
 def token_stream(tokenizer, split: str) -> list[int]:
@@ -108,30 +147,35 @@ def _batches(inputs: dict, size: int) -> list[dict]:
     return [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, n, size)]
 
 
+def _evaluate_row(loaded, model, data, reference, base_metrics, **row) -> dict:
+    cores = {n: a.core for n, a in adapters(model)}
+    t0 = time.perf_counter()
+    with recording(cores.values()):
+        metrics, _ = evaluate(loaded, model, data, reference=reference)
+    row.update(kept=density_table(cores)["density"], **metrics, seconds=round(time.perf_counter() - t0, 1))
+    if "perplexity" in metrics:
+        row["dense_perplexity"] = base_metrics["perplexity"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def compare(loaded, model, test: dict, batch: int, reference, base_metrics: dict) -> list[dict]:
     data = Batches(_batches(test, batch), None, "builtin-long", test["input_ids"].shape[0])
-    rows = []
+    args, rows = (loaded, model, data, reference, base_metrics), []
     for density in DENSITIES:
         set_density(model, density)
         for method in METHODS:
             use_method(model, method)
-            cores = {n: a.core for n, a in adapters(model)}
-            t0 = time.perf_counter()
-            with recording(cores.values()):
-                metrics, _ = evaluate(loaded, model, data, reference=reference)
-            kept = density_table(cores)["density"]
-            row = {
-                "density": density,
-                "method": method,
-                "kept": kept,
-                **metrics,
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-            if "perplexity" in metrics:
-                row["dense_perplexity"] = base_metrics["perplexity"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(_evaluate_row(*args, density=density, method=method))
     use_method(model, "seer")
+    for t in THRESHOLDS:  # the variable budgets
+        set_density(model, None, t)
+        rows.append(_evaluate_row(*args, threshold=t, method="seer"))
+    for m in COVERS:
+        use_method(model, "cover", m)
+        rows.append(_evaluate_row(*args, mass=m, method="cover"))
+    use_method(model, "seer")
+    set_density(model, 0.5)
     return rows
 
 
