@@ -279,6 +279,8 @@ def summary(rows: list[dict]) -> list[dict]:
             b, a = pick.get(("before", th, 1)), pick.get(("after", th, 1))
             if a and b:
                 entry[f"speedup_{th}t"] = round(b["calib_s"] / a["calib_s"], 2)
+                if b.get("calib_cpu_s") and a.get("calib_cpu_s"):  # robust to a loaded CPU at 1 thread
+                    entry[f"cpu_speedup_{th}t"] = round(b["calib_cpu_s"] / a["calib_cpu_s"], 2)
         one, two = pick.get(("after", 1, 1)), next((r for r in pick.values() if r["processes"] > 1), None)
         if one and two:
             entry["speedup_2proc_vs_1proc"] = round(one["calib_s"] / two["calib_s"], 2)
@@ -288,7 +290,8 @@ def summary(rows: list[dict]) -> list[dict]:
             }
             if vals["before"] and vals["after"]:
                 entry[f"{m}_drift"] = round(vals["after"][0] - vals["before"][0], 4)
-                entry[f"{m}_noise"] = round(max(max(v) - min(v) for v in vals.values()), 4)
+                if max(len(v) for v in vals.values()) > 1:  # a spread needs two runs of one code
+                    entry[f"{m}_noise"] = round(max(max(v) - min(v) for v in vals.values()), 4)
         sub = next((r for r in mine if r.get("max_tokens")), None)
         if sub and one:  # the opt-in subsample against all tokens (same code, 1 thread)
             entry["max_tokens"] = sub["max_tokens"]
@@ -367,7 +370,12 @@ def merge(paths: list[Path], out: Path, notes: list[str]) -> None:
     ]
     first = runs[0]["meta"]
     meta = {k: first[k] for k in ("machine", "cpu", "amx", "cpu_count", "torch", "python")}
-    meta.update(date=first["date"][:10], runs=[run["meta"] for run in runs], notes=notes)
+    meta.update(
+        date=first["date"][:10],
+        command=" ".join(["python benchmarks/ptq.py --merge", *map(str, paths), "--note ... (notes)"]),
+    )
+    meta["notes"] = notes
+    meta["runs"] = [run["meta"] for run in runs]
     out.write_text(json.dumps({"meta": meta, "summary": summary(rows), "rows": rows}, indent=1))
     print(table(rows))
     print(f"wrote {out}")
