@@ -2,7 +2,8 @@
 
     python benchmarks/ptq.py [--models vit-digits minilm deit-small] [--bits 4] [--methods ...]
         [--threads 1 2] [--processes 2] [--before main|fp32|none] [--before-root /work/main]
-        [--before-deit-blocks N] [--deit-blocks N] [--name xeon-amx] [--out DIR]
+        [--before-deit-blocks N] [--deit-blocks N] [--row-timeout S] [--name xeon-amx] [--out DIR]
+    python benchmarks/ptq.py --merge RUN1.json RUN2.json ... [--name xeon-amx] [--out DIR]
 
 Every row is one fresh process (``--worker``), so the "before" rows can run another checkout's
 code: ``--before main`` runs the same measurement with the package of ``--before-root`` (a
@@ -25,7 +26,11 @@ Models and metrics:
   rows, whose whole-model time on a CPU is hours: the row says how many blocks ran).
 
 Each row carries the pass's per-step seconds (``profile``: capture, reparam, weight, input, q@k,
-A@V searches, exchange) where the code reports them. Output: a table on stdout and
+A@V searches, exchange) and per unit (``profile_units``) where the code reports them, and ``calib_cpu_s``, the worker's CPU
+seconds (rank 0): on a shared CPU a 1-thread row's CPU time is close to its time on an idle core.
+A code without a profile keeps its progress lines (``progress``: units done, unit, elapsed s, CPU s), also
+when ``--row-timeout`` cuts the row. ``--merge`` writes one results file from several runs (each
+run's meta kept; the summary recomputed over all rows). Output: a table on stdout and
 ``benchmarks/results/ptq-<name>-<date>.json`` (machine, CPU, date, command, every row).
 """
 
@@ -36,6 +41,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -103,9 +109,27 @@ def _demo(spec: str):
     )
 
 
+class _CpuStamped:
+    """stderr whose lines end with this process's CPU seconds (the progress lines then say how much
+    CPU each unit took, also for a code without a profile and on a shared, loaded CPU)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith("edgecompress:"):
+            text = text.rstrip("\n") + f" [cpu {time.process_time():.1f}]\n"
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def worker(spec: dict) -> dict | None:
     """One measurement in this process (rank 0 returns the row; other ranks None)."""
     import torch
+
+    sys.stderr = _CpuStamped(sys.stderr)
 
     from edgecompress.data.metrics import evaluate
     from edgecompress.pipeline import load_builtin_passes, run
@@ -121,12 +145,18 @@ def worker(spec: dict) -> dict | None:
         loaded, ctx, test = _demo(f"demo:{spec['model']}")
         _, fp_out = evaluate(loaded, loaded.model, test)
     p = _pass(spec["method"], spec["bits"], kw if spec["method"] != "uniform" else {})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model, records = run(loaded.model, [p], ctx)
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    row = {"calib_s": round(secs, 1), "profile": records[0].get("info", {}).get("profile", {}).get("seconds")}
+    prof = records[0].get("info", {}).get("profile", {})
+    row = {
+        "calib_s": round(secs, 1),
+        "calib_cpu_s": round(cpu, 1),
+        "profile": prof.get("seconds"),
+        "profile_units": prof.get("units"),
+    }
     if spec["model"] == "deit-small":
         with torch.no_grad():
             row["logit_sqnr_db"] = _logit_sqnr(fp_out, [loaded.call(model, test[0])])
@@ -142,7 +172,17 @@ def _load() -> list[float]:
     return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-def launch(spec: dict, code: Path, processes: int) -> dict:
+def _progress(stderr: str | bytes | None) -> list:
+    """The pass's progress lines as ``[units done, unit, elapsed s, CPU s]`` (a row cut by ``--row-timeout``
+    keeps how far it got: the per-unit seconds of a code that reports no profile)."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+    found = re.findall(
+        r"calibration, unit: (\d+)/\d+ (\S+) \((?:(\d+)m)?(\d+)(?:s| s).*\[cpu ([\d.]+)\]", text
+    )
+    return [[int(d), name, int(m or 0) * 60 + int(sec), float(cpu)] for d, name, m, sec, cpu in found]
+
+
+def launch(spec: dict, code: Path, processes: int, timeout: float | None = None) -> dict:
     """Run :func:`worker` in a fresh process (``torchrun`` for ``processes > 1``) with ``code``'s package."""
     env = {**os.environ, "EC_BENCH_CODE": str(code), "OMP_NUM_THREADS": str(spec["threads"])}
     env["PYTHONPATH"] = str(code)
@@ -151,11 +191,15 @@ def launch(spec: dict, code: Path, processes: int) -> dict:
         torchrun = Path(sys.executable).parent / "torchrun"
         cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(processes), *cmd[1:]]
     load0 = _load()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as cut:
+        return {"timed_out_s": timeout, "progress": _progress(cut.stderr), "load_before": load0}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode or not lines:
         return {"error": done.stderr[-1500:], "load_before": load0}
-    return {**json.loads(lines[-1][7:]), "load_before": load0, "load_after": _load()}
+    row = {**json.loads(lines[-1][7:]), "load_before": load0, "load_after": _load()}
+    return {**row, "progress": _progress(done.stderr)} if "profile_units" not in row else row
 
 
 def plan(args) -> list[dict]:
@@ -189,12 +233,12 @@ def measure(r: dict, args) -> dict:
         spec["deit_blocks"] = args.deit_blocks
     if r["model"] != "deit-small":
         spec.pop("deit_blocks")
-    out = launch(spec, Path(code), r["processes"])
+    out = launch(spec, Path(code), r["processes"], args.row_timeout)
     blocks = spec.get("deit_blocks")
     return {**r, **({"blocks": f"{blocks or 12}/12"} if r["model"] == "deit-small" else {}), **out}
 
 
-KEYS = ("top1", "top1_agreement", "logit_sqnr_db", "cosine_mean", "nn_agreement", "calib_s")
+KEYS = ("top1", "top1_agreement", "logit_sqnr_db", "cosine_mean", "nn_agreement", "calib_s", "calib_cpu_s")
 
 
 def table(rows: list[dict]) -> str:
@@ -221,15 +265,22 @@ def summary(rows: list[dict]) -> list[dict]:
     over 1 process × 1 thread, and metric drift (after − before) next to the run-to-run noise (the
     spread between the 1- and 2-thread runs of the same code: only float reduction order differs)."""
     out = []
-    keys = sorted({(r["model"], r["method"], r["bits"]) for r in rows if "calib_s" in r})
-    for key in keys:
-        mine = [r for r in rows if (r["model"], r["method"], r["bits"]) == key and "calib_s" in r]
+    ident = lambda r: (r["model"], r["method"], r["bits"], r.get("blocks", ""))  # noqa: E731
+    for key in sorted({ident(r) for r in rows if "calib_s" in r}):
+        mine = [r for r in rows if ident(r) == key and "calib_s" in r]
         pick = {(r["code"], r["threads"], r["processes"]): r for r in mine if not r.get("max_tokens")}
-        entry: dict = {"model": key[0], "method": key[1], "bits": key[2]}
+        entry: dict = {
+            "model": key[0],
+            "method": key[1],
+            "bits": key[2],
+            **({"blocks": key[3]} if key[3] else {}),
+        }
         for th in sorted({r["threads"] for r in mine}):
             b, a = pick.get(("before", th, 1)), pick.get(("after", th, 1))
             if a and b:
                 entry[f"speedup_{th}t"] = round(b["calib_s"] / a["calib_s"], 2)
+                if b.get("calib_cpu_s") and a.get("calib_cpu_s"):  # robust to a loaded CPU at 1 thread
+                    entry[f"cpu_speedup_{th}t"] = round(b["calib_cpu_s"] / a["calib_cpu_s"], 2)
         one, two = pick.get(("after", 1, 1)), next((r for r in pick.values() if r["processes"] > 1), None)
         if one and two:
             entry["speedup_2proc_vs_1proc"] = round(one["calib_s"] / two["calib_s"], 2)
@@ -239,7 +290,8 @@ def summary(rows: list[dict]) -> list[dict]:
             }
             if vals["before"] and vals["after"]:
                 entry[f"{m}_drift"] = round(vals["after"][0] - vals["before"][0], 4)
-                entry[f"{m}_noise"] = round(max(max(v) - min(v) for v in vals.values()), 4)
+                if max(len(v) for v in vals.values()) > 1:  # a spread needs two runs of one code
+                    entry[f"{m}_noise"] = round(max(max(v) - min(v) for v in vals.values()), 4)
         sub = next((r for r in mine if r.get("max_tokens")), None)
         if sub and one:  # the opt-in subsample against all tokens (same code, 1 thread)
             entry["max_tokens"] = sub["max_tokens"]
@@ -298,13 +350,42 @@ def _parse(argv):
     p.add_argument(
         "--max-tokens", type=int, default=None, help="also an 'after' row with this token subsample"
     )
+    p.add_argument(
+        "--row-timeout", type=float, default=None, help="cut a row after S seconds (keeps its progress)"
+    )
+    p.add_argument("--merge", type=Path, nargs="+", help="merge these results files of earlier runs")
+    p.add_argument("--note", action="append", default=[], help="with --merge: a line for the file's meta")
     p.add_argument("--name", default="xeon-amx", help="machine name in the result file")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return p.parse_args(argv)
 
 
+def merge(paths: list[Path], out: Path, notes: list[str]) -> None:
+    """One results file from several runs of this script (each run's meta kept, rows tagged with it)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    rows = [
+        {**r, "run": i, "before_code": run["meta"]["before"]}
+        for i, run in enumerate(runs)
+        for r in run["rows"]
+    ]
+    first = runs[0]["meta"]
+    meta = {k: first[k] for k in ("machine", "cpu", "amx", "cpu_count", "torch", "python")}
+    meta.update(
+        date=first["date"][:10],
+        command=" ".join(["python benchmarks/ptq.py --merge", *map(str, paths), "--note ... (notes)"]),
+    )
+    meta["notes"] = notes
+    meta["runs"] = [run["meta"] for run in runs]
+    out.write_text(json.dumps({"meta": meta, "summary": summary(rows), "rows": rows}, indent=1))
+    print(table(rows))
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.merge:
+        merge(args.merge, args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json", args.note)
+        return 0
     if args.worker:
         row = worker(json.loads(args.worker))
         if row is not None:
