@@ -54,6 +54,8 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmark
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import prune_speed  # noqa: E402
+from benchmarks.prune_report import line as _line  # noqa: E402
+from benchmarks.prune_report import merge, plot, summary, table  # noqa: E402
 from benchmarks.prune_tp import tp_at_budget  # noqa: E402
 from edgecompress.bench.env import environment  # noqa: E402
 from edgecompress.calib import make_context  # noqa: E402
@@ -66,7 +68,7 @@ from edgecompress.prune.apply import joint_error  # noqa: E402
 from edgecompress.train import TrainConfig, default_loss, fit  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
-RESULT = "prune-xeon-amx-2026-12-05.json"  # this machine (Xeon with AMX) and the session's date
+RESULT = "prune-xeon-amx-2026-12-06.json"  # this machine (Xeon with AMX) and the session's date
 SPECS = {"vit-digits": "demo:vit-digits", "minilm": "demo:minilm"}
 IMPORTANCES = ("magnitude", "taylor", "activation")
 FT = {"vit-digits": {"lr": 1e-4, "batch_size": 64}, "minilm": {"lr": 5e-5, "batch_size": 16}}
@@ -245,61 +247,6 @@ def timing_rows(s: Setup) -> list[dict]:
     return [row]
 
 
-def _line(r: dict) -> str:
-    keys = ("part", "model", "method", "importance", "recovery", "allocation", "budget", "removed", "top1",
-            "cosine_mean", "nn_agreement", "dp_sum", "dp_joint", "random_corr", "total_seconds", "speedup")  # fmt: skip
-    return "  ".join(
-        f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r
-    )
-
-
-def table(rows: list[dict]) -> str:
-    return "\n".join(_line(r) for r in rows)
-
-
-def _metric(r: dict) -> float | None:
-    return r.get("top1", r.get("cosine_mean"))
-
-
-def summary(rows: list[dict]) -> dict:
-    """The acceptance comparisons, from the rows: layer_adaptive vs uniform (same importance and
-    recovery), ours vs Torch-Pruning at equal training (none: best-setting quality row; with the
-    same ``ft_steps``), the latency budget's aim, and the acceptance row."""
-    q = {(r["model"], r["importance"], r["recovery"], r["allocation"], r["budget"]): _metric(r)
-         for r in rows if r["part"] == "quality"}  # fmt: skip
-    la_vs_u = {f"{m}/{i}/{rec}/{b}": round(v - q[(m, i, rec, "uniform", b)], 4)
-               for (m, i, rec, a, b), v in q.items() if a == "layer_adaptive" and (m, i, rec, "uniform", b) in q}  # fmt: skip
-    ours = {
-        (r["model"], r["budget"]): _metric(r)
-        for r in rows
-        if r["part"] == "ft" and r.get("method") != "torch-pruning"
-    }
-    theirs = {
-        (r["model"], r["budget"], r["part"]): _metric(r) for r in rows if r.get("method") == "torch-pruning"
-    }
-    vs_tp = {}
-    for (m, b), v in ours.items():
-        if (m, b, "ft") in theirs:
-            vs_tp[f"{m}/{b}/finetuned"] = round(v - theirs[(m, b, "ft")], 4)
-        zero = q.get((m, "activation", "lstsq", "layer_adaptive", b))
-        if zero is not None and (m, b, "tp") in theirs:
-            vs_tp[f"{m}/{b}/no-training"] = round(zero - theirs[(m, b, "tp")], 4)
-    return {
-        "layer_adaptive_minus_uniform": la_vs_u,
-        "layer_adaptive_not_worse_everywhere": all(v >= 0 for v in la_vs_u.values()),
-        "ours_minus_torch_pruning": vs_tp,
-        "ahead_of_torch_pruning_everywhere": all(v > 0 for v in vs_tp.values()),
-        "latency_targets": {r["model"]: r["measured_over_predicted"] for r in rows if r.get("what") == "latency_target"},
-        "acceptance": [{k: r[k] for k in ("calibration_samples", "cosine_mean", "speedup", "cosine_target_met",
-                                          "latency_target_met")} for r in rows if r["part"] == "acceptance"],
-    }  # fmt: skip
-
-
-def _key(r: dict) -> tuple:
-    return tuple(str(r.get(k)) for k in ("part", "model", "method", "importance", "recovery", "allocation", "budget",
-                                          "ft_steps", "backend", "what"))  # fmt: skip
-
-
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -320,7 +267,10 @@ def _args(argv):
         "--speed-models", nargs="+", default=list(prune_speed.MODELS), choices=list(prune_speed.MODELS)
     )
     p.add_argument("--speed-threads", type=int, default=2, help="threads of the timed runs (torch and ORT)")
-    p.add_argument("--report", action="store_true")
+    p.add_argument("--report", action="store_true", help="only the table, summary and PNG of the JSON")
+    p.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="merge the rows of these result JSONs first"
+    )
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
 
@@ -334,11 +284,12 @@ def acceptance_rows(calib_n: int, speed_threads: int) -> list[dict]:
     prep = p.prepare(s.loaded.model, s.ctx)
     model, info = _cut(s, p, prep)
     pruned = dataclasses.replace(s.loaded, model=model.eval())
+    threads = torch.get_num_threads()
     torch.set_num_threads(speed_threads)
     try:
         speed = prune_speed._ratio(pruned, s.loaded, "onnxruntime", 8, speed_threads)
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
     row = {"part": "acceptance", "model": "minilm", "calibration_samples": calib_n, "budget": 0.5,
            **_metrics(s, model), **info, "ort": speed, "speedup": round(1 / speed["ratio"], 3),
            "cosine_target_met": _metrics(s, model)["cosine_mean"] >= 0.95, "latency_target_met": speed["ratio"] <= 0.65}  # fmt: skip
@@ -381,20 +332,22 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / RESULT
     data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "rows": []}
+    for other in args.merge:  # rows of runs written elsewhere (e.g. untimed parts at low priority)
+        theirs = json.loads(other.read_text())
+        data = merge(data, theirs["rows"], [{**r, "merged_from": str(other)} for r in theirs["runs"]])
     if not args.report:
         data["runs"].append({"date": datetime.datetime.now().isoformat(timespec="seconds"),
                              "command": "python benchmarks/prune.py " + " ".join(argv or sys.argv[1:]),
                              "environment": environment(args.threads), "load_at_start": os.getloadavg()})  # fmt: skip
         cache: dict = {}
         for part in args.parts:
-            new = _run_part(part, args, cache)
-            mine = {_key(r) for r in new}
-            data["rows"] = [r for r in data["rows"] if _key(r) not in mine] + new
+            data = merge(data, _run_part(part, args, cache))
             data["summary"] = summary(data["rows"])
             path.write_text(
                 json.dumps(data, indent=1, default=str)
             )  # partial results survive an interruption
     data["summary"] = summary(data["rows"])
+    data["plot"] = plot(data["rows"], path.with_suffix(".png"))
     path.write_text(json.dumps(data, indent=1, default=str))
     print(table(data["rows"]))
     print(json.dumps(data["summary"], indent=1))
