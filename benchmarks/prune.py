@@ -131,9 +131,9 @@ def _cut(s: Setup, p: PruneStructured, prep) -> tuple[torch.nn.Module, dict]:
     }  # fmt: skip
 
 
-def quality_rows(s: Setup, budgets) -> list[dict]:
+def quality_rows(s: Setup, budgets, importances=IMPORTANCES) -> list[dict]:
     rows = []
-    for imp in IMPORTANCES:
+    for imp in importances:
         for rec in ("none", "lstsq"):
             base = PruneStructured(importance=imp, recovery=rec)
             prep, plan_s = s.prepare(imp, rec)
@@ -256,6 +256,7 @@ def _args(argv):
         "--acceptance-calib", type=int, default=256, help="calibration texts of the acceptance row"
     )
     p.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
+    p.add_argument("--importances", nargs="+", default=list(IMPORTANCES), choices=list(IMPORTANCES))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--calib", type=int, default=64, help="calibration samples (train split)")
     p.add_argument("--ft-steps", type=int, default=100)
@@ -299,7 +300,7 @@ def acceptance_rows(calib_n: int, speed_threads: int) -> list[dict]:
 
 def _model_part(part: str, s: Setup, args) -> list[dict]:
     if part == "quality":
-        return quality_rows(s, args.budgets)
+        return quality_rows(s, args.budgets, args.importances)
     if part == "tp":
         return tp_rows(s, args.budgets, 0)
     if part == "ft":
