@@ -1,11 +1,16 @@
 """Structured pruning (``prune_structured``) vs Torch-Pruning: quality, additivity, plan time, speed (CPU).
 
-    python benchmarks/prune.py [--parts quality tp ft additivity timing speed] [--models vit-digits minilm]
+    python benchmarks/prune.py [--parts dense quality tp ft additivity timing acceptance speed]
+                               [--models vit-digits minilm] [--importances magnitude taylor activation]
                                [--budgets 0.3 0.5 0.7] [--calib 64] [--ft-steps 100] [--threads 2]
-    python benchmarks/prune.py --report      # the table from the JSON written so far
+    python benchmarks/prune.py --report [--merge OTHER.json ...]  # table, summary and PNG of the JSON
+
+Untimed parts may run at low priority with ``--out`` elsewhere while a timed part holds the bench
+lock; ``--merge`` then adds their rows (benchmarks/prune_report.py).
 
 Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, saved after each part):
 
+* ``dense`` — the unpruned models' metrics (top-1; the reference of the cosines).
 * ``quality`` — demo:vit-digits (top-1 on the 450 test digits) and demo:minilm (mean embedding cosine
   to the dense model and nearest-neighbour agreement on the test texts) at 30 / 50 / 70 % fewer
   attention + MLP parameters: uniform vs layer_adaptive allocation × magnitude / Taylor /
@@ -250,7 +255,9 @@ def timing_rows(s: Setup) -> list[dict]:
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--parts", nargs="+", default=["quality", "tp", "ft", "additivity", "timing", "acceptance", "speed"]
+        "--parts",
+        nargs="+",
+        default=["dense", "quality", "tp", "ft", "additivity", "timing", "acceptance", "speed"],
     )
     p.add_argument(
         "--acceptance-calib", type=int, default=256, help="calibration texts of the acceptance row"
@@ -307,6 +314,14 @@ def _model_part(part: str, s: Setup, args) -> list[dict]:
         return ft_rows(s, args.budgets, args.ft_steps) + tp_rows(s, args.budgets, args.ft_steps)
     if part == "additivity":
         return additivity_rows(s, args.budgets, args.random)
+    if part == "dense":  # the unpruned model's metrics (the reference of cosine and NN agreement)
+        return [
+            {
+                "part": "dense",
+                "model": s.name,
+                **{k: v for k, v in s.dense.items() if k in ("top1", "cosine_mean")},
+            }
+        ]
     return timing_rows(s) if s.name == "minilm" else []
 
 
