@@ -113,7 +113,14 @@ def setup(name: str, calib_n: int, ft_steps: int) -> Setup:
     dense, reference = evaluate(loaded, loaded.model, test)
     cfg = TrainConfig(steps=max(ft_steps, 1), warmup_steps=max(1, ft_steps // 20), log_every=10, **FT[name])
     ctx = make_context(
-        calib, loaded.call, torch.device("cpu"), kind=loaded.kind, data=lambda s: train, train=cfg
+        calib,
+        loaded.call,
+        torch.device("cpu"),
+        kind=loaded.kind,
+        train=cfg,
+        data=lambda split: (
+            calib if split == "calib" else train
+        ),  # calib: the pass statistics; train: fine-tuning
     )
     ctx = dataclasses.replace(ctx, teacher=make_teacher(loaded.model))
     return Setup(name, loaded, calib, test, reference, ctx, dense)
