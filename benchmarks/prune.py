@@ -1,11 +1,16 @@
 """Structured pruning (``prune_structured``) vs Torch-Pruning: quality, additivity, plan time, speed (CPU).
 
-    python benchmarks/prune.py [--parts quality tp ft additivity timing speed] [--models vit-digits minilm]
+    python benchmarks/prune.py [--parts dense quality tp ft additivity timing acceptance speed]
+                               [--models vit-digits minilm] [--importances magnitude taylor activation]
                                [--budgets 0.3 0.5 0.7] [--calib 64] [--ft-steps 100] [--threads 2]
-    python benchmarks/prune.py --report      # the table from the JSON written so far
+    python benchmarks/prune.py --report [--merge OTHER.json ...]  # table, summary and PNG of the JSON
+
+Untimed parts may run at low priority with ``--out`` elsewhere while a timed part holds the bench
+lock; ``--merge`` then adds their rows (benchmarks/prune_report.py).
 
 Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, saved after each part):
 
+* ``dense`` — the unpruned models' metrics (top-1; the reference of the cosines).
 * ``quality`` — demo:vit-digits (top-1 on the 450 test digits) and demo:minilm (mean embedding cosine
   to the dense model and nearest-neighbour agreement on the test texts) at 30 / 50 / 70 % fewer
   attention + MLP parameters: uniform vs layer_adaptive allocation × magnitude / Taylor /
@@ -24,6 +29,8 @@ Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, 
   (``prepare`` + the allocation), the acceptance's "under 5 minutes on these 2 cores".
 * ``acceptance`` — MiniLM at 50 % with closed-form recovery only and ``--acceptance-calib`` texts:
   embedding cosine (target ≥ 0.95) and ORT latency vs dense (target ≤ 0.65×), alternated in one run.
+  ``acceptance-quality`` (untimed) prunes, measures the cosine and saves the model in a temporary
+  cache, so that a later ``acceptance`` run (under the bench lock) restores it and only times.
 * ``speed`` — benchmarks/prune_speed.py: pruned vs dense latency ratios in PyTorch and ONNX Runtime
   (each pair alternated in one run), and whether a ``latency`` budget lands within 10 % of its
   prediction.
@@ -42,6 +49,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,19 +62,22 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmark
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import prune_speed  # noqa: E402
+from benchmarks.prune_report import line as _line  # noqa: E402
+from benchmarks.prune_report import merge, plot, summary, table  # noqa: E402
 from benchmarks.prune_tp import tp_at_budget  # noqa: E402
 from edgecompress.bench.env import environment  # noqa: E402
 from edgecompress.calib import make_context  # noqa: E402
 from edgecompress.data.metrics import evaluate  # noqa: E402
 from edgecompress.data.specs import load_data, load_samples  # noqa: E402
-from edgecompress.models.loading import load_model  # noqa: E402
+from edgecompress.models.loading import load_model, restore  # noqa: E402
 from edgecompress.pipeline import make_teacher  # noqa: E402
 from edgecompress.prune import PruneStructured  # noqa: E402
 from edgecompress.prune.apply import joint_error  # noqa: E402
+from edgecompress.structure import save  # noqa: E402
 from edgecompress.train import TrainConfig, default_loss, fit  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
-RESULT = "prune-xeon-amx-2026-12-05.json"  # this machine (Xeon with AMX) and the session's date
+RESULT = "prune-xeon-amx-2026-12-06.json"  # this machine (Xeon with AMX) and the session's date
 SPECS = {"vit-digits": "demo:vit-digits", "minilm": "demo:minilm"}
 IMPORTANCES = ("magnitude", "taylor", "activation")
 FT = {"vit-digits": {"lr": 1e-4, "batch_size": 64}, "minilm": {"lr": 5e-5, "batch_size": 16}}
@@ -102,7 +113,14 @@ def setup(name: str, calib_n: int, ft_steps: int) -> Setup:
     dense, reference = evaluate(loaded, loaded.model, test)
     cfg = TrainConfig(steps=max(ft_steps, 1), warmup_steps=max(1, ft_steps // 20), log_every=10, **FT[name])
     ctx = make_context(
-        calib, loaded.call, torch.device("cpu"), kind=loaded.kind, data=lambda s: train, train=cfg
+        calib,
+        loaded.call,
+        torch.device("cpu"),
+        kind=loaded.kind,
+        train=cfg,
+        data=lambda split: (
+            calib if split == "calib" else train
+        ),  # calib: the pass statistics; train: fine-tuning
     )
     ctx = dataclasses.replace(ctx, teacher=make_teacher(loaded.model))
     return Setup(name, loaded, calib, test, reference, ctx, dense)
@@ -129,9 +147,9 @@ def _cut(s: Setup, p: PruneStructured, prep) -> tuple[torch.nn.Module, dict]:
     }  # fmt: skip
 
 
-def quality_rows(s: Setup, budgets) -> list[dict]:
+def quality_rows(s: Setup, budgets, importances=IMPORTANCES) -> list[dict]:
     rows = []
-    for imp in IMPORTANCES:
+    for imp in importances:
         for rec in ("none", "lstsq"):
             base = PruneStructured(importance=imp, recovery=rec)
             prep, plan_s = s.prepare(imp, rec)
@@ -245,70 +263,18 @@ def timing_rows(s: Setup) -> list[dict]:
     return [row]
 
 
-def _line(r: dict) -> str:
-    keys = ("part", "model", "method", "importance", "recovery", "allocation", "budget", "removed", "top1",
-            "cosine_mean", "nn_agreement", "dp_sum", "dp_joint", "random_corr", "total_seconds", "speedup")  # fmt: skip
-    return "  ".join(
-        f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r
-    )
-
-
-def table(rows: list[dict]) -> str:
-    return "\n".join(_line(r) for r in rows)
-
-
-def _metric(r: dict) -> float | None:
-    return r.get("top1", r.get("cosine_mean"))
-
-
-def summary(rows: list[dict]) -> dict:
-    """The acceptance comparisons, from the rows: layer_adaptive vs uniform (same importance and
-    recovery), ours vs Torch-Pruning at equal training (none: best-setting quality row; with the
-    same ``ft_steps``), the latency budget's aim, and the acceptance row."""
-    q = {(r["model"], r["importance"], r["recovery"], r["allocation"], r["budget"]): _metric(r)
-         for r in rows if r["part"] == "quality"}  # fmt: skip
-    la_vs_u = {f"{m}/{i}/{rec}/{b}": round(v - q[(m, i, rec, "uniform", b)], 4)
-               for (m, i, rec, a, b), v in q.items() if a == "layer_adaptive" and (m, i, rec, "uniform", b) in q}  # fmt: skip
-    ours = {
-        (r["model"], r["budget"]): _metric(r)
-        for r in rows
-        if r["part"] == "ft" and r.get("method") != "torch-pruning"
-    }
-    theirs = {
-        (r["model"], r["budget"], r["part"]): _metric(r) for r in rows if r.get("method") == "torch-pruning"
-    }
-    vs_tp = {}
-    for (m, b), v in ours.items():
-        if (m, b, "ft") in theirs:
-            vs_tp[f"{m}/{b}/finetuned"] = round(v - theirs[(m, b, "ft")], 4)
-        zero = q.get((m, "activation", "lstsq", "layer_adaptive", b))
-        if zero is not None and (m, b, "tp") in theirs:
-            vs_tp[f"{m}/{b}/no-training"] = round(zero - theirs[(m, b, "tp")], 4)
-    return {
-        "layer_adaptive_minus_uniform": la_vs_u,
-        "layer_adaptive_not_worse_everywhere": all(v >= 0 for v in la_vs_u.values()),
-        "ours_minus_torch_pruning": vs_tp,
-        "ahead_of_torch_pruning_everywhere": all(v > 0 for v in vs_tp.values()),
-        "latency_targets": {r["model"]: r["measured_over_predicted"] for r in rows if r.get("what") == "latency_target"},
-        "acceptance": [{k: r[k] for k in ("calibration_samples", "cosine_mean", "speedup", "cosine_target_met",
-                                          "latency_target_met")} for r in rows if r["part"] == "acceptance"],
-    }  # fmt: skip
-
-
-def _key(r: dict) -> tuple:
-    return tuple(str(r.get(k)) for k in ("part", "model", "method", "importance", "recovery", "allocation", "budget",
-                                          "ft_steps", "backend", "what"))  # fmt: skip
-
-
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--parts", nargs="+", default=["quality", "tp", "ft", "additivity", "timing", "acceptance", "speed"]
+        "--parts",
+        nargs="+",
+        default=["dense", "quality", "tp", "ft", "additivity", "timing", "acceptance", "speed"],
     )
     p.add_argument(
         "--acceptance-calib", type=int, default=256, help="calibration texts of the acceptance row"
     )
     p.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
+    p.add_argument("--importances", nargs="+", default=list(IMPORTANCES), choices=list(IMPORTANCES))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--calib", type=int, default=64, help="calibration samples (train split)")
     p.add_argument("--ft-steps", type=int, default=100)
@@ -320,47 +286,78 @@ def _args(argv):
         "--speed-models", nargs="+", default=list(prune_speed.MODELS), choices=list(prune_speed.MODELS)
     )
     p.add_argument("--speed-threads", type=int, default=2, help="threads of the timed runs (torch and ORT)")
-    p.add_argument("--report", action="store_true")
+    p.add_argument("--report", action="store_true", help="only the table, summary and PNG of the JSON")
+    p.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="merge the rows of these result JSONs first"
+    )
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
 
 
-def acceptance_rows(calib_n: int, speed_threads: int) -> list[dict]:
+CACHE = Path(tempfile.gettempdir()) / "edgecompress-prune-acceptance"  # the pruned acceptance model
+
+
+def _acceptance_model(calib_n: int) -> tuple[Setup, torch.nn.Module, dict]:
     """The acceptance setting on MiniLM: 50 % of the attention + MLP parameters, closed-form recovery
-    only (activation, layer_adaptive, lstsq), ``calib_n`` calibration texts: embedding cosine and the
-    ORT latency ratio (batch 8 × 128 tokens, alternated with the dense model)."""
+    only (activation, layer_adaptive, lstsq), ``calib_n`` calibration texts; pruned here, or restored
+    from ``CACHE/<calib_n>`` where an (untimed, low-priority) ``acceptance-quality`` run saved it, so
+    the bench lock is held only for the timing."""
     s = setup("minilm", calib_n, 0)
+    folder = CACHE / str(calib_n)
+    if (folder / "row.json").is_file():
+        return s, restore(folder).eval(), json.loads((folder / "row.json").read_text())
     p = PruneStructured(budget={"params": 0.5})
-    prep = p.prepare(s.loaded.model, s.ctx)
-    model, info = _cut(s, p, prep)
-    pruned = dataclasses.replace(s.loaded, model=model.eval())
+    model, info = _cut(s, p, p.prepare(s.loaded.model, s.ctx))
+    row = {"model": "minilm", "calibration_samples": calib_n, "budget": 0.5, **_metrics(s, model), **info}
+    if not folder.exists():
+        save(model, folder, {})
+        (folder / "row.json").write_text(json.dumps(row, default=str))
+    return s, model.eval(), row
+
+
+def acceptance_rows(calib_n: int, speed_threads: int, timed: bool = True) -> list[dict]:
+    """The acceptance row: embedding cosine (target ≥ 0.95) and, when ``timed``, the ORT latency ratio
+    (target ≤ 0.65×; batch 8 × 128 tokens, alternated with the dense model)."""
+    s, model, row = _acceptance_model(calib_n)
+    row = {**row, "cosine_target_met": row["cosine_mean"] >= 0.95}
+    if not timed:
+        return [{"part": "acceptance_quality", **row}]
+    pruned = dataclasses.replace(s.loaded, model=model)
+    threads = torch.get_num_threads()
     torch.set_num_threads(speed_threads)
     try:
         speed = prune_speed._ratio(pruned, s.loaded, "onnxruntime", 8, speed_threads)
     finally:
-        torch.set_num_threads(1)
-    row = {"part": "acceptance", "model": "minilm", "calibration_samples": calib_n, "budget": 0.5,
-           **_metrics(s, model), **info, "ort": speed, "speedup": round(1 / speed["ratio"], 3),
-           "cosine_target_met": _metrics(s, model)["cosine_mean"] >= 0.95, "latency_target_met": speed["ratio"] <= 0.65}  # fmt: skip
+        torch.set_num_threads(threads)
+    row = {"part": "acceptance", **row, "ort": speed, "speedup": round(1 / speed["ratio"], 3),
+           "latency_target_met": speed["ratio"] <= 0.65}  # fmt: skip
     print(_line(row), flush=True)
     return [row]
 
 
 def _model_part(part: str, s: Setup, args) -> list[dict]:
     if part == "quality":
-        return quality_rows(s, args.budgets)
+        return quality_rows(s, args.budgets, args.importances)
     if part == "tp":
         return tp_rows(s, args.budgets, 0)
     if part == "ft":
         return ft_rows(s, args.budgets, args.ft_steps) + tp_rows(s, args.budgets, args.ft_steps)
     if part == "additivity":
         return additivity_rows(s, args.budgets, args.random)
+    if part == "dense":  # the unpruned model's metrics (the reference of cosine and NN agreement)
+        return [
+            {
+                "part": "dense",
+                "model": s.name,
+                **{k: v for k, v in s.dense.items() if k in ("top1", "cosine_mean")},
+            }
+        ]
     return timing_rows(s) if s.name == "minilm" else []
 
 
 def _run_part(part: str, args, cache: dict) -> list[dict]:
-    if part == "acceptance":
-        return acceptance_rows(args.acceptance_calib, args.speed_threads)
+    if part in ("acceptance", "acceptance-quality"):
+        return acceptance_rows(args.acceptance_calib, args.speed_threads, timed=part == "acceptance")
     if part == "speed":
         torch.set_num_threads(args.speed_threads)
         try:
@@ -381,20 +378,22 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / RESULT
     data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "rows": []}
+    for other in args.merge:  # rows of runs written elsewhere (e.g. untimed parts at low priority)
+        theirs = json.loads(other.read_text())
+        data = merge(data, theirs["rows"], [{**r, "merged_from": str(other)} for r in theirs["runs"]])
     if not args.report:
         data["runs"].append({"date": datetime.datetime.now().isoformat(timespec="seconds"),
                              "command": "python benchmarks/prune.py " + " ".join(argv or sys.argv[1:]),
                              "environment": environment(args.threads), "load_at_start": os.getloadavg()})  # fmt: skip
         cache: dict = {}
         for part in args.parts:
-            new = _run_part(part, args, cache)
-            mine = {_key(r) for r in new}
-            data["rows"] = [r for r in data["rows"] if _key(r) not in mine] + new
+            data = merge(data, _run_part(part, args, cache))
             data["summary"] = summary(data["rows"])
             path.write_text(
                 json.dumps(data, indent=1, default=str)
             )  # partial results survive an interruption
     data["summary"] = summary(data["rows"])
+    data["plot"] = plot(data["rows"], path.with_suffix(".png"))
     path.write_text(json.dumps(data, indent=1, default=str))
     print(table(data["rows"]))
     print(json.dumps(data["summary"], indent=1))
