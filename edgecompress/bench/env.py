@@ -111,3 +111,15 @@ def environment(threads: int | None = None) -> dict:
         "os": platform.platform(),
         "libraries": library_versions(),
     }
+
+
+def machine_tag() -> str:
+    """A short CPU name for result files (``xeon-amx``, ``epyc-avx2``, ...): the host name alone does not
+    say which machine measured (several of this project's VMs are called ``vm``)."""
+    info = cpu_info()
+    model, flags = (info["model"] or "").lower(), set(info["flags"])
+    family = next(
+        (f for f in ("xeon", "epyc", "core", "ryzen", "neoverse") if f in model), platform.machine()
+    )
+    isa = next((f for f in ("amx_bf16", "avx512_vnni", "avx512f", "avx2", "asimd") if f in flags), "")
+    return f"{family}-{isa.split('_')[0]}" if isa else family
