@@ -38,9 +38,7 @@ import copy
 import datetime
 import json
 import os
-import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -52,7 +50,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgecompress.bench.env import machine_tag  # noqa: E402
+from edgecompress.bench.env import run_meta  # noqa: E402
 from edgecompress.bench.timing import time_alternating  # noqa: E402
 from edgecompress.calib import make_context  # noqa: E402
 from edgecompress.data.metrics import evaluate  # noqa: E402
@@ -60,6 +58,7 @@ from edgecompress.data.specs import load_data, load_samples  # noqa: E402
 from edgecompress.models.loading import load_model, restore  # noqa: E402
 from edgecompress.pipeline import run  # noqa: E402
 from edgecompress.recipe import recipe_from_dict  # noqa: E402
+from edgecompress.sparsity.acm import ACM  # noqa: E402
 from edgecompress.sparsity.acm.execute import bucketed  # noqa: E402
 from edgecompress.sparsity.acm.sites import find_sites  # noqa: E402
 from edgecompress.structure import save  # noqa: E402
@@ -124,6 +123,7 @@ def _acm(loaded, train, s, budget: float, fixed: bool, seed: int):
     return model, {
         "train_s": records[0]["seconds"],
         "final_loss": info["training"]["end_to_end"]["final_loss"],
+        "gumbel_tau": ACM.gumbel_tau,  # the pass default (1.0 in rows written before the field existed)
     }
 
 
@@ -376,19 +376,6 @@ def plot(rows: list[dict], out: Path, tag: str) -> str | None:
     return path.name
 
 
-def _meta(threads: int) -> dict:
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_tag(),
-            "hostname": socket.gethostname(),
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg": os.getloadavg(), "command": " ".join(sys.argv)}  # fmt: skip
-
-
-def _cpu_model() -> str:
-    from edgecompress.bench.env import cpu_info
-
-    return cpu_info().get("model") or platform.processor()
-
-
 def _key(r: dict) -> tuple:
     return tuple(r.get(k) for k in ("part", "model", "variant", "budget", "width", "tokens", "dtype", "fraction",
                                     "batch", "runtime"))  # fmt: skip
@@ -398,7 +385,7 @@ def main(argv=None) -> int:
     args = _args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = _meta(args.threads)
+    meta = run_meta(args.threads)
     tag = f"{meta['machine']}-{datetime.date.today().isoformat()}"
     path = args.out / f"acm-{tag}.json"
     data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "rows": []}
