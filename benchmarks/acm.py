@@ -11,7 +11,10 @@ Parts (rows are merged into one JSON per machine and date, written after every r
   static baselines at the same mean executed compute (β of the MLP hidden units):
   ``fixed-k`` (the same ACM, phases I and III, every token runs k = 4β learners: no gate) and
   ``magnitude`` (the dense MLP's hidden channels pruned by ‖W1[j]‖·‖W2[:, j]‖ to β of them, masked,
-  then fine-tuned end to end for ``distill + e2e`` steps). ``dense-ft`` is the dense model fine-tuned
+  then fine-tuned end to end for ``distill + e2e`` steps) and ``pruned`` (the MLPs really narrowed to
+  β of their channels by the ``prune_structured`` pass — uniform, activation importance,
+  least-squares recovery — then fine-tuned the same way; its executed fraction is the kept share of
+  channels after rounding). ``dense-ft`` is the dense model fine-tuned
   end to end for the same steps (the same training, no compression). vit-digits: top-1 on the 450
   test digits, cross-entropy on the train digits; MiniLM: mean embedding cosine and nearest-neighbour
   agreement to the uncompressed model on the test texts, distillation on the train texts. The ACM
@@ -35,9 +38,7 @@ import copy
 import datetime
 import json
 import os
-import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgecompress.bench.env import run_meta  # noqa: E402
 from edgecompress.bench.timing import time_alternating  # noqa: E402
 from edgecompress.calib import make_context  # noqa: E402
 from edgecompress.data.metrics import evaluate  # noqa: E402
@@ -56,6 +58,7 @@ from edgecompress.data.specs import load_data, load_samples  # noqa: E402
 from edgecompress.models.loading import load_model, restore  # noqa: E402
 from edgecompress.pipeline import run  # noqa: E402
 from edgecompress.recipe import recipe_from_dict  # noqa: E402
+from edgecompress.sparsity.acm import ACM  # noqa: E402
 from edgecompress.sparsity.acm.execute import bucketed  # noqa: E402
 from edgecompress.sparsity.acm.sites import find_sites  # noqa: E402
 from edgecompress.structure import save  # noqa: E402
@@ -75,7 +78,7 @@ def _args(argv):
     p.add_argument("--parts", nargs="+", default=["quality", "speed", "model"])
     p.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
-    p.add_argument("--variants", nargs="+", default=["acm", "fixed-k", "magnitude", "dense-ft"])
+    p.add_argument("--variants", nargs="+", default=["acm", "fixed-k", "pruned", "magnitude", "dense-ft"])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -120,6 +123,7 @@ def _acm(loaded, train, s, budget: float, fixed: bool, seed: int):
     return model, {
         "train_s": records[0]["seconds"],
         "final_loss": info["training"]["end_to_end"]["final_loss"],
+        "gumbel_tau": ACM.gumbel_tau,  # the pass default (1.0 in rows written before the field existed)
     }
 
 
@@ -146,17 +150,28 @@ def _magnitude_masks(model, budget: float) -> list:
     return hooks
 
 
-def _finetune(loaded, train, s, budget: float | None, seed: int):
-    """``dense-ft`` (budget None) or ``magnitude``: end-to-end training of ``distill + e2e`` steps."""
+def _finetune(loaded, train, s, budget: float | None, seed: int, how: str = "magnitude"):
+    """``dense-ft`` (budget None), ``magnitude`` or ``pruned``: end-to-end training of ``distill + e2e``
+    steps (``pruned``: after ``prune_structured`` shrank the MLPs to β of their channels)."""
     teacher = copy.deepcopy(loaded.model).eval()
-    hooks = [] if budget is None else _magnitude_masks(loaded.model, budget)
     cfg = _config(s, s["distill"] + s["e2e"], s["lr"], seed)
     ctx = _context(loaded, train, cfg)
     t0 = time.perf_counter()
+    hooks, executed = [], None
+    if budget is not None and how == "magnitude":
+        hooks = _magnitude_masks(loaded.model, budget)
+    elif budget is not None:
+        widths = [site.fc1.out_features for site in find_sites(loaded.model)]
+        entry = {"pass": "prune_structured", "granularity": ["mlp"], "allocation": "uniform",
+                 "importance": "activation", "recovery": "lstsq", "budget": {"params": 1.0 - budget}}  # fmt: skip
+        loaded.model, _ = run(loaded.model, recipe_from_dict({"passes": [entry]}).passes, ctx)
+        kept = [site.fc1.out_features for site in find_sites(loaded.model)]
+        executed = round(sum(kept) / sum(widths), 4)
     fitted = fit(loaded.model, default_loss(teacher, ctx.call, loaded.kind), train, cfg, desc="fine-tune")
     for h in hooks:
         h.remove()
-    return loaded.model, {"train_s": round(time.perf_counter() - t0, 1), "final_loss": fitted.final_loss}
+    extra = {"train_s": round(time.perf_counter() - t0, 1), "final_loss": fitted.final_loss}
+    return loaded.model, extra | ({"kept_channels": executed} if executed is not None else {})
 
 
 def _executed(model, loaded, test) -> float | None:
@@ -189,12 +204,18 @@ def quality_rows(name: str, args) -> list[dict]:
             loaded, t0 = load_model(SPECS[name]), time.perf_counter()
             if variant in ("acm", "fixed-k"):
                 model, extra = _acm(loaded, train, s, budget, variant == "fixed-k", args.seed)
+            elif variant == "pruned" and budget == 1.0:
+                continue  # nothing to prune: the dense-ft row
             else:
                 model, extra = _finetune(
-                    loaded, train, s, None if variant == "dense-ft" else budget, args.seed
+                    loaded, train, s, None if variant == "dense-ft" else budget, args.seed, how=variant
                 )
             metrics, _ = evaluate(loaded, model, test, reference=None if loaded.kind == "image" else ref)
-            executed = _executed(model, loaded, test) if variant == "acm" else (budget or 1.0)
+            executed = (
+                _executed(model, loaded, test)
+                if variant == "acm"
+                else extra.get("kept_channels", budget or 1.0)
+            )
             if variant == "acm" and budget == 0.5:
                 shutil.rmtree(args.cache / f"{name}-acm-0.5", ignore_errors=True)
                 save(model.eval(), args.cache / f"{name}-acm-0.5", {})
@@ -340,7 +361,7 @@ def plot(rows: list[dict], out: Path, tag: str) -> str | None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
         key = "top1" if name == "vit-digits" else "cosine_mean"
-        for variant in ("acm", "fixed-k", "magnitude", "dense-ft", "dense"):
+        for variant in ("acm", "fixed-k", "pruned", "magnitude", "dense-ft", "dense"):
             pts = sorted((r["executed"], r[key]) for r in rows if r["part"] == "quality" and r["model"] == name
                          and r["variant"] == variant and r.get(key) is not None and r.get("executed") is not None)  # fmt: skip
             if pts:
@@ -355,18 +376,6 @@ def plot(rows: list[dict], out: Path, tag: str) -> str | None:
     return path.name
 
 
-def _meta(threads: int) -> dict:
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": socket.gethostname(),
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg": os.getloadavg(), "command": " ".join(sys.argv)}  # fmt: skip
-
-
-def _cpu_model() -> str:
-    from edgecompress.bench.env import cpu_info
-
-    return cpu_info().get("model") or platform.processor()
-
-
 def _key(r: dict) -> tuple:
     return tuple(r.get(k) for k in ("part", "model", "variant", "budget", "width", "tokens", "dtype", "fraction",
                                     "batch", "runtime"))  # fmt: skip
@@ -376,7 +385,7 @@ def main(argv=None) -> int:
     args = _args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = _meta(args.threads)
+    meta = run_meta(args.threads)
     tag = f"{meta['machine']}-{datetime.date.today().isoformat()}"
     path = args.out / f"acm-{tag}.json"
     data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "rows": []}

@@ -29,9 +29,6 @@ import argparse
 import copy
 import datetime
 import json
-import os
-import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgecompress.bench.env import run_meta  # noqa: E402
 from edgecompress.calib import make_context  # noqa: E402
 from edgecompress.data.metrics import evaluate  # noqa: E402
 from edgecompress.data.specs import load_data, load_samples  # noqa: E402
@@ -297,12 +295,6 @@ def plots(rows: list[dict], out: Path, tag: str) -> list[str]:
     return files
 
 
-def _meta(threads: int) -> dict:
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": socket.gethostname(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": threads, "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
-
-
 def _key(r: dict) -> tuple:
     return r["part"], r.get("seed"), r.get("method", r.get("variant")), r.get("ratio"), r.get("model")
 
@@ -311,7 +303,7 @@ def main(argv=None) -> int:
     args = _args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = _meta(args.threads)
+    meta = run_meta(args.threads)
     tag = f"{meta['machine']}-{datetime.date.today().isoformat()}"
     path = args.out / f"nm-{tag}.json"
     data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "rows": []}

@@ -111,3 +111,30 @@ def environment(threads: int | None = None) -> dict:
         "os": platform.platform(),
         "libraries": library_versions(),
     }
+
+
+def machine_tag() -> str:
+    """A short CPU name for result files (``xeon-amx``, ``epyc-avx2``, ...): the host name alone does not
+    say which machine measured (several of this project's VMs are called ``vm``)."""
+    info = cpu_info()
+    model, flags = (info["model"] or "").lower(), set(info["flags"])
+    family = next(
+        (f for f in ("xeon", "epyc", "core", "ryzen", "neoverse") if f in model), platform.machine()
+    )
+    isa = next((f for f in ("amx_bf16", "avx512_vnni", "avx512f", "avx2", "asimd") if f in flags), "")
+    return f"{family}-{isa.split('_')[0]}" if isa else family
+
+
+def run_meta(threads: int) -> dict:
+    """What a benchmark's result file records about the run: date, machine (:func:`machine_tag`), host,
+    CPU, torch threads and versions, load average, the command line."""
+    import datetime
+    import socket
+    import sys
+
+    import torch
+
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_tag(),
+            "hostname": socket.gethostname(), "cpu": cpu_info()["model"], "cpu_count": os.cpu_count(),
+            "torch_threads": threads, "torch": torch.__version__, "python": platform.python_version(),
+            "loadavg": os.getloadavg(), "command": " ".join(sys.argv)}  # fmt: skip

