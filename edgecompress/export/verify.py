@@ -50,6 +50,13 @@ check then found ORT's code-table forms flipping AdaLog codes on identical input
 :mod:`edgecompress.export.forms.lut` now computes exactly. After that fix, on the Xeon (AMX): every
 segment ≤ 6.2e-7, ORT 0.99734 / 5 outliers / top-1 94.6 % against its own 0.99724 / 6 / 92.9 %
 (before the fix, same machine and model: 0.99539 / 9 / 91.1 %) — it passes, not by a looser rule.
+On the code after the bf16 scoring of the PTQ searches (2026-12-06, same commands, other calibrated
+parameters) both models fail again with every segment still ≤ 6.3e-7: ViT-S 0.99381 / 16 / 92.5 %
+against its own 0.99772 / 6 / 98.1 %, DeiT-tiny 0.99668 / 9 / 98.4 % against 0.99994 / 0 / 100 %
+(``benchmarks/results/export-verify-xeon-amx-2026-12-06.json``): ORT's per-segment differences
+(~5 float32 steps, from GEMM accumulation order) are larger than the 1-step noise of
+:func:`sensitivity`, and the code flips they cause cascade. Open: noise matched to the measured
+segment error.
 
 A failed verification raises :class:`~edgecompress.errors.UserError` (exit code 2).
 """
