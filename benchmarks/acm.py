@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
 import shutil
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgecompress.bench.env import run_meta  # noqa: E402
+from edgecompress.bench.env import results_file  # noqa: E402
 from edgecompress.bench.timing import time_alternating  # noqa: E402
 from edgecompress.calib import make_context  # noqa: E402
 from edgecompress.data.metrics import evaluate  # noqa: E402
@@ -385,10 +384,8 @@ def main(argv=None) -> int:
     args = _args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = run_meta(args.threads)
-    tag = f"{meta['machine']}-{datetime.date.today().isoformat()}"
-    path = args.out / f"acm-{tag}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "rows": []}
+    path, data, meta = results_file(args.out, "acm", args.threads)
+    tag = path.stem.removeprefix("acm-")
     if not args.report:
         data["runs"].append(meta)
         for part in args.parts:

@@ -138,3 +138,16 @@ def run_meta(threads: int) -> dict:
             "hostname": socket.gethostname(), "cpu": cpu_info()["model"], "cpu_count": os.cpu_count(),
             "torch_threads": threads, "torch": torch.__version__, "python": platform.python_version(),
             "loadavg": os.getloadavg(), "command": " ".join(sys.argv)}  # fmt: skip
+
+
+def results_file(out, name: str, threads: int) -> tuple:
+    """``(path, data, meta)`` of a benchmark's result file ``<out>/<name>-<machine>-<date>.json``:
+    the rows written so far (or none) and this run's :func:`run_meta`."""
+    import datetime
+    import json
+    from pathlib import Path
+
+    meta = run_meta(threads)
+    path = Path(out) / f"{name}-{meta['machine']}-{datetime.date.today().isoformat()}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "rows": []}
+    return path, data, meta
