@@ -24,7 +24,7 @@ from edgecompress.export.onnx import export_onnx  # noqa: E402
 from edgecompress.export.runtime import ort_session  # noqa: E402
 from edgecompress.export.verify import verify_onnx  # noqa: E402
 from edgecompress.models.loading import LoadedModel, load_model  # noqa: E402
-from tests.export.models import compressed, tiny_vit_odd  # noqa: E402
+from tests.export.models import compressed, tiny_bert_synthetic, tiny_vit_odd  # noqa: E402
 from tests.test_cli import TINY_VIT  # noqa: E402
 
 QUICK = {"min_seconds": 0.1, "min_iters": 5, "warmup_s": 0.05}
@@ -135,6 +135,28 @@ def test_openvino_format_is_verified_in_openvino_with_its_kernel_report(tmp_path
         other.head.weight.mul_(-1.0)
     wrong = LoadedModel(other, ov.spec, "image", ov.base, ov.data_cfg)
     assert not verify_onnx(wrong, tmp_path / "ov.onnx", samples=16, runtime="openvino")["passed"]
+
+
+def test_openvino_format_exports_attention_openvino_fuses(tmp_path):
+    """An HF BERT whose attention no pass replaced (``uniform_w8a8_openvino`` leaves it float) keeps
+    PyTorch's SDPA: exported as is, OpenVINO runs one Softmax layer per attention (its MHA kernel
+    does not match the SDPA export); ``--format openvino`` exports the explicit form on a copy and
+    the compiled model has none left, verified against that copy; the user's model is untouched."""
+    from edgecompress.export.inputs import sample_batches
+    from edgecompress.export.openvino import OVSession, unfused_softmax
+    from edgecompress.models.attention import adapters
+
+    ov = compressed(tiny_bert_synthetic(), "uniform_w8a8_openvino")
+    plain = export_onnx(ov, tmp_path / "sdpa.onnx", batch=2, weight_dtype="int8")
+    sess = OVSession(plain.path)
+    batches, _ = sample_batches(ov, 2, 2)
+    sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), batches[0])})
+    assert unfused_softmax(sess.compiled) == 2  # one per layer
+    rec = export_verified(ov, tmp_path / "ov.onnx", "openvino", batch=2, samples=16)
+    assert rec["verification"]["passed"], rec["verification"]["failures"]
+    assert rec["attention_made_explicit"]["modules"] == 2
+    assert rec["verification"]["openvino"]["unfused_softmax"] == 0
+    assert adapters(ov.model) == []
 
 
 def test_openvino_format_refuses_uint8_weights(tmp_path, capsys):

@@ -89,6 +89,10 @@ def prepare_loaded(
 
     if backend == "torch":
         return torch_runner(loaded, batch, seq, threads, device)
+    if split_backend(backend)[0] == "openvino":
+        from edgecompress.export.openvino import openvino_form
+
+        loaded, _ = openvino_form(loaded)  # the attention form its MHA kernel fuses
     onnx_path = work / f"model{len(list(work.glob('*.onnx')))}.onnx"
     result = export_onnx(
         loaded, onnx_path, batch=batch, target="tensorrt" if backend == "tensorrt" else "onnxruntime"

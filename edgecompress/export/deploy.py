@@ -76,6 +76,11 @@ def export_verified(
     if fmt == "tensorrt":
         require_tensorrt()  # fail in one line before spending minutes on the export
     weight_dtype = _openvino_weights(fmt, weight_dtype)
+    explicit = []
+    if fmt.startswith("openvino"):
+        from edgecompress.export.openvino import openvino_form
+
+        loaded, explicit = openvino_form(loaded)  # attention OpenVINO fuses into its MHA kernel
     import onnx
 
     final = onnx_path
@@ -90,6 +95,11 @@ def export_verified(
         if fmt.startswith("openvino"):
             result.weight_dtype_reason = "OpenVINO's INT8 path takes INT8 weights (zero-point 0)"
         record = {"model": loaded.spec, "format": fmt, "export": result.to_dict()}
+        if explicit:
+            record["attention_made_explicit"] = {
+                "modules": len(explicit),
+                "why": "OpenVINO fuses explicit attention into its MHA kernel, not the SDPA export",
+            }
         record["tensorrt"] = tensorrt_record(onnx.load(str(onnx_path)), fmt)
         record["onnxruntime"] = optimized_ops(onnx_path)
         # a TensorRT file keeps INT8 weights; where ORT's u8×s8 kernels saturate, check its function in float

@@ -16,11 +16,21 @@ path is the plugin's word, not a prediction.
 :class:`OVSession` gives a compiled model ONNX Runtime's session interface (``get_inputs()``,
 ``run(None, feeds)``), so :func:`edgecompress.export.verify.verify_onnx` verifies a file in
 OpenVINO with the same code and bounds as in ONNX Runtime.
+
+Attention: OpenVINO fuses an attention block into its MHA kernel (a ``Subgraph`` layer, no
+``MatMul``/``Softmax`` left; bf16 on AMX) when it recognises the pattern. It recognises the
+project's explicit attention (:func:`edgecompress.models.attention.explicit_attention_`: scaled
+``q @ kᵀ``, additive mask, ``Softmax``, ``@ v``) but not the export of PyTorch's SDPA that an HF
+model keeps when no pass replaced its attention (q and k each scaled by √scale, ``Where`` on the
+mask, ``IsNaN``/``Where`` after the softmax). :func:`openvino_form` therefore makes the attention
+explicit, on a copy, before an ``openvino`` export or bench; the verification compares the file with
+that copy (the same function up to float rounding).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +39,27 @@ from edgecompress.errors import UserError
 
 OV_PRECISIONS = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values we take
 OV_MATMULS = ("FullyConnected", "MatMul", "Convolution")  # CPU-plugin layers that do the GEMMs
+
+
+def openvino_form(loaded):
+    """``loaded`` with every supported attention that still runs natively (SDPA) made explicit, on a
+    copy (see the module docstring); ``loaded`` itself when there is nothing to change. Returns
+    (model, names of the attention modules changed)."""
+    from edgecompress.models.attention import adapters, explicit_attention_
+
+    if adapters(loaded.model):  # a pass made the attention explicit already (its core is kept)
+        return loaded, []
+    model = copy.deepcopy(loaded.model)
+    changed = explicit_attention_(model)
+    if not changed:
+        return loaded, []
+    return replace(loaded, model=model.eval()), changed
+
+
+def unfused_softmax(compiled) -> int:
+    """Softmax layers the compiled model kept as such (0 when every attention became an MHA kernel)."""
+    ops = compiled.get_runtime_model().get_ordered_ops()
+    return sum(op.get_rt_info()["layerType"].astype(str) == "Softmax" for op in ops)
 
 
 def openvino():
@@ -161,4 +192,8 @@ class OVSession:
 
     def report(self) -> dict:
         """The compiled model's settings and GEMM kernels (call after a first :meth:`run`)."""
-        return {**self.info, **gemm_summary(ov_matmul_precisions(self.compiled))}
+        return {
+            **self.info,
+            **gemm_summary(ov_matmul_precisions(self.compiled)),
+            "unfused_softmax": unfused_softmax(self.compiled),
+        }
