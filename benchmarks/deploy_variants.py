@@ -19,6 +19,7 @@ from edgecompress.calib import make_context
 from edgecompress.data.specs import load_data
 from edgecompress.export.inputs import as_tuple, input_names
 from edgecompress.export.onnx import export_onnx
+from edgecompress.export.openvino import openvino_form
 from edgecompress.export.runtime import ort_session, u8s8_saturates
 from edgecompress.models.loading import LoadedModel, load_model
 from edgecompress.pipeline import run
@@ -184,8 +185,9 @@ def export_variants(
                 "weight_dtype": "int8",
                 "export": "--format openvino",
             }
-            timed(key, lambda k=key, o=sets: export_onnx(
-                _ours(loaded, batches, o, OV_RECIPE), work / f"{name}-{k}.onnx", batch=BATCH, weight_dtype="int8",
+            timed(key, lambda k=key, o=sets: export_onnx(  # the model `export --format openvino` exports
+                openvino_form(_ours(loaded, batches, o, OV_RECIPE))[0], work / f"{name}-{k}.onnx", batch=BATCH,
+                weight_dtype="int8",
             ).path)  # fmt: skip
     for variant, tuned in (("ort-default", False), ("ort-tuned", True)):
         if variant in wanted:
