@@ -199,10 +199,12 @@ def summary_line(record: dict) -> str:
         trt = f"no ({t['issue_count']} issues, e.g. {t['issues'][0]})"
     how = ""
     if "sensitivity" in record["verification"]:
-        own = record["verification"]["sensitivity"]["own_metrics"]["cosine_mean"]
+        sens = record["verification"]["sensitivity"]
+        own, noise = sens["own_metrics"]["cosine_mean"], sens["relative_input_noise"]["max"]
         how = (
-            f" (below the strict cosine gate: within the model's own rounding sensitivity, cosine {own} "
-            "under float32-level noise, and every segment agrees — see the JSON)"
+            f" (below the strict gates: within the model's own rounding sensitivity, cosine {own} "
+            f"under the rounding differences measured per segment, ≤ {noise:.1e}, and every segment "
+            "agrees — see the JSON)"
         )
     return (
         f"{ex['path']}: {ex['exporter']} exporter, opset {ex['opset']}, {ex['qdq']['QuantizeLinear']} Q / "

@@ -265,7 +265,7 @@ def judge_against_sensitivity(metrics: dict, own: dict) -> list[str]:
     deviation plus the normal allowance, on mean cosine, outliers and top-1 disagreement."""
     k = SENSITIVITY_FACTOR
     if own["cosine_mean"] < SENSITIVITY_COSINE_MIN:
-        return [f"the model itself moves to cosine {own['cosine_mean']:.4f} under float32-rounding-level input noise: too unstable to verify"]  # fmt: skip
+        return [f"the model itself moves to cosine {own['cosine_mean']:.4f} under the measured rounding noise: too unstable to verify"]  # fmt: skip
     fails = []
     floor = 1.0 - (k * (1.0 - own["cosine_mean"]) + (1.0 - COSINE_MIN))
     if metrics["cosine_mean"] < floor:
