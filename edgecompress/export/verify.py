@@ -47,24 +47,16 @@ model kind) fails the gates above, :func:`judge_relaxed` decides:
    than one sample below 200); a model whose own mean cosine is below
    :data:`SENSITIVITY_COSINE_MIN` (0.99) is too unstable to verify and fails.
 
-Both verdicts, the noise levels and the self-metrics are in the JSON. A wrong export form moves
-every sample far beyond that (a negated head: cosine ≈ −1). History of the rule: until
-2026-12-06 the noise was one float32 step (2⁻²³) everywhere; measured on the Xeon (AMX), random
-``timm:vit_small_patch16_224`` and ``deit_tiny_patch16_224`` (64 px) AdaLog W4A4 then failed
-(ViT-S 0.99381 / 16 outliers / top-1 92.5 % against its own 0.99772 / 6 / 98.1 %; DeiT-tiny
-0.99668 / 9 / 98.4 % against 0.99994 / 0 / 100 %) while every segment agreed within 6.3e-7, about
-five float32 steps (ORT's GEMM accumulation order): the one-step noise underestimated what two
-correct runtimes differ by, hence noise at the measured level. With it (same compressed
-folders): ViT-S passes, its own 0.99077 / 17 outliers under the measured noise (ORT is closer:
-0.99381 / 16), DeiT-tiny passes, own 0.99779 / 6 / 0 of 64 top-1 disagreements against ORT
-0.99668 / 9 / 1 of 64 — the top-1 gate counts samples, at least one allowed (0.5 % of 64 is
-less than one sample; decided after that run). Both models sit close to the 0.99 instability
-floor: random-weight W4A4 ViTs are at the edge of what can be verified
-(``benchmarks/results/export-verify-xeon-amx-2026-12-06.json`` has every run). Earlier, the
-segment check found ORT's code-table forms flipping AdaLog codes on identical inputs (``Log`` vs
-``torch.log2``, segments up to 1.5e-4), which :mod:`edgecompress.export.forms.lut` now computes
-exactly. MiniLM W8A8 over 44 long scientific paragraphs: strict mean cosine 0.99819, segments
-≤ 4.2e-7.
+Both verdicts, the noise levels and the self-metrics are in the JSON; a wrong form moves every
+sample far beyond that (a negated head: cosine ≈ −1). Until 2026-12-06 the noise was one float32
+step everywhere; random ``timm`` ViT-S and DeiT-tiny (64 px) AdaLog W4A4 then failed while every
+segment agreed within 6.3e-7 (~5 steps: ORT's GEMM accumulation order). With the measured noise
+both pass (ViT-S: own 0.99077 / 17 outliers, ORT 0.99381 / 16; DeiT-tiny: own 0.99779 / 6 /
+0 of 64 top-1 flips, ORT 0.99668 / 9 / 1 of 64 — the count form of the top-1 gate was decided
+after that run), close to the 0.99 floor: random W4A4 ViTs are at the edge of what can be
+verified (``benchmarks/results/export-verify-xeon-amx-2026-12-06.json``). The segment check also
+found ORT's code tables flipping AdaLog codes on identical inputs (``Log`` vs ``torch.log2``),
+which :mod:`edgecompress.export.forms.lut` now computes exactly.
 
 A failed verification raises :class:`~edgecompress.errors.UserError` (exit code 2).
 """
