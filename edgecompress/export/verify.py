@@ -21,10 +21,8 @@ tokenizer). Thresholds, for the *same* graph in both runtimes:
   rounding (ORT's ``Log``/``Div``/``Gelu`` or an integer ``MatMulIntegerToFloat`` against
   PyTorch's float ops), so a value sitting on a quantization boundary can get the neighbouring
   code; at low bits that one step changes the next layers' inputs and can flip further codes
-  downstream, on that sample only. Measured (demo:vit-digits ``adalog_w4a4``, 450 test images):
-  with every ORT optimization off 7 images have cosine < 0.9999 (min 0.9967); with ORT's integer
-  kernels 16 do, one of them at 0.942, and the top-1 agreement is still 100 %. A wrong export
-  form moves every sample, which the mean and top-1 bounds catch.
+  downstream, on that sample only (demo:vit-digits ``adalog_w4a4``: 16 of 450 images below
+  0.9999, one at 0.942, top-1 agreement 100 %). A wrong form moves every sample.
 
 Some quantized models reproduce no more precisely than their own sensitivity: a low-bit model
 whose activations sit on many code boundaries (random-weight ViTs at W4A4 are the extreme) flips
