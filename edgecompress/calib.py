@@ -165,19 +165,26 @@ def observe(
     forward_loop: Callable[[nn.Module], None],
     cap: int = 65536,
     seed: int = 0,
+    outputs: frozenset[str] = frozenset(),
 ) -> dict[str, ActivationStats]:
-    """Statistics of the input of each named module over one run of ``forward_loop``; padding
-    tokens of text batches (the call's ``attention_mask``) are left out (:func:`real_tokens`)."""
+    """Statistics of the input of each named module (its output for the names in ``outputs``) over
+    one run of ``forward_loop``; padding tokens of text batches (the call's ``attention_mask``)
+    are left out (:func:`real_tokens`)."""
     stats = {n: ActivationStats(cap=cap, seed=seed) for n in names}
     hooks = []
     with tracking_mask(model) as current:
         try:
             for n in names:
-                hooks.append(
-                    model.get_submodule(n).register_forward_pre_hook(
-                        lambda m, a, s=stats[n]: s.update(real_tokens(a[0], current["mask"]))
+                mod, s = model.get_submodule(n), stats[n]
+                if n in outputs:
+                    hook = mod.register_forward_hook(
+                        lambda m, a, y, s=s: s.update(real_tokens(y, current["mask"]))
                     )
-                )
+                else:
+                    hook = mod.register_forward_pre_hook(
+                        lambda m, a, s=s: s.update(real_tokens(a[0], current["mask"]))
+                    )
+                hooks.append(hook)
             forward_loop(model)
         finally:
             for h in hooks:

@@ -10,6 +10,11 @@ with ``observer`` = ``minmax``, ``percentile`` (clip to the ``percentile``/100 a
 calibration sample). All statistics come from one run of ``ctx.forward_loop`` on the float model,
 on real tokens only (padding tokens of text batches are left out: :func:`edgecompress.calib.observe`).
 
+``smooth_alpha`` (0 = off): SmoothQuant before quantizing (:mod:`edgecompress.quantize.smooth`):
+per-channel factors ``s`` move activation outliers of the chosen Linears' inputs
+(``smooth_targets``: ``post_norm``, the paper's QKV/FC1, or ``all``) into their weights; the
+activation quantizer then calibrates on ``x / s``.
+
 ``embedding_bits`` (0 = keep float): every targeted ``nn.Embedding`` table (``embedding_targets``)
 is quantized per row (one asymmetric min/max scale and zero-point per vocabulary entry, the form
 ORT/TensorRT deployments use for INT8 embedding tables), stored as integer codes and exported as a
@@ -39,6 +44,7 @@ from edgecompress.models.slots import (
 )
 from edgecompress.pipeline import Context, register_pass
 from edgecompress.quantize.modules import UniformQuantizer, sqnr_db
+from edgecompress.quantize.smooth import check_smooth, smooth_
 from edgecompress.quantize.uniform import mse_search_range, params_from_range, weight_params
 
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_probs", "attn_v")
@@ -141,9 +147,12 @@ class UniformPTQ:
     ignore: tuple[str, ...] = ()
     embedding_bits: int = 0
     embedding_targets: tuple[str, ...] = ("Embedding",)
+    smooth_alpha: float = 0.0
+    smooth_targets: str = "post_norm"
 
     def __post_init__(self):
         check_bits(self.w_bits, self.a_bits)
+        check_smooth(self.smooth_alpha, self.smooth_targets)
         check_embedding_bits(self.embedding_bits)
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
@@ -152,6 +161,11 @@ class UniformPTQ:
         if self.quantize_attention:
             explicit_attention_(model)
         linears = quantizable_linears(model, self.targets, self.ignore, ctx)
+        smoothed = (
+            smooth_(model, linears, ctx, self.smooth_alpha, self.smooth_targets) if self.smooth_alpha else []
+        )
+        if smoothed:
+            ctx.notes.append(f"SmoothQuant α={self.smooth_alpha}: {len(smoothed)} Linear inputs smoothed")
         for name in linears:
             layer: SlotLinear = model.get_submodule(name)
             w = layer.effective_weight()  # after any earlier mask: zeros stay exactly zero
@@ -164,10 +178,13 @@ class UniformPTQ:
         act_points = [f"{n}.input_chain" for n in linears]
         if self.quantize_attention:
             act_points += attention_slots(model, ctx)
-        stats = observe(model, act_points, ctx.forward_loop, seed=ctx.seed)
+        # a smoothed input is quantized after its 1/s: observe the output of that scale
+        after = {f"{n}.input_chain": f"{n}.input_chain.0" for n in smoothed}
+        at = [after.get(p, p) for p in act_points]
+        stats = observe(model, at, ctx.forward_loop, seed=ctx.seed, outputs=frozenset(after.values()))
         for name in act_points:
             role = model.get_submodule(name).role
-            st = stats[name]
+            st = stats[after.get(name, name)]
             if st.sample is None:  # the slot never ran (e.g. an unused head): leave it float
                 ctx.notes.append(f"{name}: not quantized (never ran on the calibration data)")
                 continue

@@ -1,0 +1,142 @@
+"""SmoothQuant (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for
+Large Language Models", ICML 2023; arXiv 2211.10438 v7) as a field of ``uniform_ptq``.
+
+A Linear ``y = x Wᵀ`` is rewritten as ``y = (x / s) (W · s)ᵀ`` (``W · s`` scales input column
+``j`` by ``s_j``): exact in real arithmetic, but the per-tensor activation quantizer now sees
+``x / s``, whose outlier channels are divided down, while the per-output-channel weight quantizer
+absorbs the factors. The paper's migration strength ``α``::
+
+    s_j = max|X_j|^α / max|W_{:,j}|^(1-α)        (max over the calibration tokens / output rows)
+
+Choices where the paper is silent or where we differ (stated):
+
+* **Where 1/s lives.** The paper folds ``1/s`` into the preceding LayerNorm (no run-time cost),
+  which is exact only when that LayerNorm feeds nothing else. In post-LN encoders (BERT, MiniLM)
+  its output also feeds the residual, so we keep ``1/s`` as an explicit per-channel multiply at
+  the head of the Linear's input chain (:class:`ChannelScale`, exported as one ``Mul`` before the
+  Q/DQ pair; NNCF's SmoothQuant leaves the same ``Multiply``), and ``s`` in its weight chain
+  (folded into the weight at export). Each Linear gets its own ``s`` (q, k and v each); the paper's
+  shared ``s`` is the special case its folding needs.
+* **Which Linears** (``smooth_targets``): ``post_norm`` (default) — the paper's and NNCF's set,
+  the Linears whose input is a LayerNorm/RMSNorm output (QKV and FC1 in a transformer block),
+  found on the calibration run by tensor identity (the norm's output object is the Linear's
+  input); ``all`` — every quantized Linear.
+* **Statistics.** ``max|X_j|`` over the real tokens of the calibration set (padding left out, as
+  the observers do); a channel that never fires (max 0) or a weight column of zeros keeps
+  ``s_j = 1``; ``s`` is clamped to [1e-5, 1e5].
+* **α.** ``smooth_alpha`` (0 = off, the default). The paper uses 0.5 for most models and up to
+  0.75–0.85 for the hardest LLMs; NNCF's transformer default is 0.95.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from edgecompress.calib import real_tokens, tracking_mask
+from edgecompress.errors import UserError
+from edgecompress.models.slots import add_to_chain
+from edgecompress.structure import register_swap
+
+SMOOTH_TARGETS = ("post_norm", "all")
+S_MIN, S_MAX = 1e-5, 1e5
+
+
+@register_swap
+class ChannelScale(nn.Module):
+    """Multiply by ``scale`` along one dimension: an input (``dim=-1``, channels last) or an
+    ``[out, in]`` weight (``dim=1``, its input columns)."""
+
+    SLOT_KIND: ClassVar[str] = "scale"
+    VERSION: ClassVar[int] = 1
+
+    def __init__(self, channels: int, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("scale", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.scale.to(x.dtype).view(shape)
+
+    def swap_config(self) -> dict:
+        return {"channels": int(self.scale.numel()), "dim": self.dim}
+
+    @classmethod
+    def from_swap(cls, original, config: dict) -> ChannelScale:
+        return cls(int(config["channels"]), int(config["dim"]))
+
+    def describe(self) -> dict:
+        return {"layer": "SmoothQuant channel scale"}
+
+
+def check_smooth(alpha: float, targets: str) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"smooth_alpha must be in [0, 1] (0 = off), got {alpha}")
+    if targets not in SMOOTH_TARGETS:
+        raise UserError(f"smooth_targets must be one of {', '.join(SMOOTH_TARGETS)}, got {targets!r}")
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, linears: list[str], forward_loop) -> tuple[dict, set[str]]:
+    """Per-input-channel max |x| of each Linear over one run of ``forward_loop`` (real tokens only),
+    and the Linears whose input is a normalization layer's output object."""
+    amax: dict[str, torch.Tensor] = {}
+    post_norm: set[str] = set()
+    norm_outputs: list[torch.Tensor] = []
+    hooks = []
+
+    def on_norm(_m, _a, out):
+        norm_outputs.append(out)
+
+    def on_linear(name):
+        def hook(_m, args):
+            x = args[0]
+            if any(x is t for t in norm_outputs):
+                post_norm.add(name)
+            flat = real_tokens(x, current["mask"]).reshape(-1, x.shape[-1]).abs().amax(0).float()
+            amax[name] = flat if name not in amax else torch.maximum(amax[name], flat)
+
+        return hook
+
+    with tracking_mask(model) as current:
+        hooks.append(model.register_forward_pre_hook(lambda *_: norm_outputs.clear()))
+        hooks += [m.register_forward_hook(on_norm) for m in model.modules() if _is_norm(m)]
+        hooks += [model.get_submodule(n).register_forward_pre_hook(on_linear(n)) for n in linears]
+        try:
+            forward_loop(model)
+        finally:
+            for h in hooks:
+                h.remove()
+    return amax, post_norm
+
+
+def smoothing_factors(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s_j = max|X_j|^α / max|W_{:,j}|^(1-α)`` for an ``[out, in]`` weight; 1 where undefined."""
+    w_absmax = w.detach().abs().amax(0).float()
+    s = x_absmax.clamp_min(1e-12).pow(alpha) / w_absmax.clamp_min(1e-12).pow(1.0 - alpha)
+    s = torch.where((x_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
+    return s.clamp(S_MIN, S_MAX)
+
+
+def smooth_(model: nn.Module, linears: list[str], ctx, alpha: float, targets: str) -> list[str]:
+    """Put ``1/s`` at the head of each chosen Linear's input chain and ``s`` in its weight chain
+    (before any quantizer); returns the smoothed Linears' names."""
+    amax, post_norm = input_absmax(model, linears, ctx.forward_loop)
+    chosen = [n for n in linears if n in amax and (targets == "all" or n in post_norm)]
+    for name in chosen:
+        layer = model.get_submodule(name)
+        s = smoothing_factors(amax[name], layer.effective_weight(), alpha)
+        w_scale, x_scale = ChannelScale(s.numel(), dim=1), ChannelScale(s.numel(), dim=-1)
+        w_scale.scale.copy_(s)
+        x_scale.scale.copy_(1.0 / s)
+        add_to_chain(model, f"{name}.weight_chain", w_scale)
+        add_to_chain(model, f"{name}.input_chain", x_scale)
+    return chosen
