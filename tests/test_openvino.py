@@ -126,8 +126,9 @@ def test_openvino_format_is_verified_in_openvino_with_its_kernel_report(tmp_path
     assert v["openvino"]["compiled"]["INFERENCE_PRECISION_HINT"] == "f32"
     assert v["openvino"]["int8_gemms"] == 9 and rec["export"]["weight_dtype"] == "int8"
     assert "verified in OpenVINO f32: INT8 kernels for 9 of" in summary_line(rec)
-    weights = [m for n, m in ov.model.named_modules() if n.endswith("weight_chain.0")]
-    acts = [m for n, m in ov.model.named_modules() if n.endswith("input_chain.0")]
+    chains = [(n, m.find("quantizer")) for n, m in ov.model.named_modules() if n.endswith(("weight_chain", "input_chain"))]  # fmt: skip
+    weights = [q for n, q in chains if n.endswith("weight_chain") and q is not None]
+    acts = [q for n, q in chains if n.endswith("input_chain") and q is not None]
     assert len(weights) == 9 and all(bool((q.zero_point == 128).all()) for q in weights)  # INT8 zero-point 0
     assert any(bool((q.zero_point != 128).any()) for q in acts)  # activations keep their zero-point
     other = copy.deepcopy(ov.model)
