@@ -56,6 +56,9 @@ def test_smoothing_alone_is_exact_and_finds_the_post_norm_linears(make, post_nor
     chosen = smooth_(model, names, ctx, 0.5, "post_norm")
     assert sorted(chosen) == sorted(n for n in names if n.endswith(post_norm))
     assert len(chosen) == 2 * len(post_norm)  # two blocks
+    first = [n for n in chosen if ".0." in n or "layer.0." in n]
+    shared = [model.get_submodule(n).input_chain[0].scale for n in first if not n.endswith(("fc1", "dense"))]
+    assert shared and all(torch.equal(t, shared[0]) for t in shared)  # q, k, v: one s per norm output
     with torch.no_grad():
         for b in batches:
             ref, out = loaded.call(loaded.model, b), loaded.call(model, b)
