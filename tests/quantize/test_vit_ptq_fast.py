@@ -269,6 +269,7 @@ def test_sweep_scores_equal_dense_bf16(family, csr_max, monkeypatch):
     assert fast.counts["sparse"] >= 16 and fast.counts["anchor"] >= 4 and fast.counts["dense"] >= 2, (
         fast.counts
     )
+    assert sweep.applies(quant, x, w_hat.T, BF16)
     monkeypatch.setattr(sweep, "applies", lambda *a: False)
     dense = vo.act_output_score(x, w_hat, w, quant, BF16)(*params)
     ref = vo.act_output_score(x, w_hat, w, quant)(*params)
@@ -278,12 +279,24 @@ def test_sweep_scores_equal_dense_bf16(family, csr_max, monkeypatch):
 
 
 @pytest.mark.parametrize("shift", [None, GELU_SHIFT], ids=["uniform", "adalog"])
-def test_sweep_search_linear_matches_fp32(shift):
-    """Oracle: search_linear in fp32 on the same seeded layer (T·K = 70,993 ≥ FUSE_MIN, so the bf16
-    input searches are incremental); its parameters identical or the fp32 output MSE within 0.5 %."""
-    x, w = _layer(731, 97, 59, seed=17, gelu=shift is not None)
+def test_sweep_search_linear_matches_fp32(shift, monkeypatch):
+    """Oracle: search_linear in fp32 on the same seeded layer (T·K = 70,871 ≥ FUSE_MIN and K ≥ 2·O,
+    so the bf16 input searches are incremental); its parameters identical or the fp32 output MSE
+    within 0.5 %."""
+    from edgecompress.quantize.vit_ptq import sweep
+
+    made = []
+
+    class Spy(sweep.SweepScore):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(sweep, "SweepScore", Spy)
+    x, w = _layer(541, 131, 59, seed=17, gelu=shift is not None)
     ref = vo.search_linear(x, w, 4, 4, rounds=1, post_gelu_shift=shift)
     got = vo.search_linear(x, w, 4, 4, rounds=1, post_gelu_shift=shift, dtype=BF16)
+    assert made and made[0].counts["sparse"] > 100, [m.counts for m in made]
     ref_mse, got_mse = _fp32_mse(x, w, ref, 4), _fp32_mse(x, w, got, 4)
     same = torch.equal(ref.w_scale, got.w_scale) and all(torch.equal(ref.act[n], got.act[n]) for n in ref.act)
     assert same or got_mse <= ref_mse * (1 + OBJECTIVE_RTOL), (got_mse, ref_mse)

@@ -208,7 +208,9 @@ def act_score(
 
     dense = chunked(score, candidates_per_call(rows[0].stop * max(k, p.shape[1])))
     return (
-        sweep.SweepScore(quant, x, prep, p, b, const, n, dense) if sweep.applies(quant, x, dtype) else dense
+        sweep.SweepScore(quant, x, prep, p, b, const, n, dense)
+        if sweep.applies(quant, x, p, dtype)
+        else dense
     )
 
 
