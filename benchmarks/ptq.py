@@ -2,7 +2,7 @@
 
     python benchmarks/ptq.py [--models vit-digits minilm deit-small] [--bits 4] [--methods ...]
         [--threads 1 2] [--processes 2] [--before main|fp32|none] [--before-root /work/main]
-        [--before-deit-blocks N] [--deit-blocks N] [--row-timeout S] [--calib-offset 32]
+        [--before-deit-blocks N] [--deit-blocks N] [--row-timeout S] [--calib-offset 32] [--no-single]
         [--name xeon-amx] [--out DIR]
     python benchmarks/ptq.py --merge RUN1.json RUN2.json ... [--name xeon-amx] [--out DIR]
 
@@ -214,7 +214,7 @@ def plan(args) -> list[dict]:
             for bits in args.bits:
                 base = {"model": model, "method": method, "bits": bits}
                 base.update({"calib_offset": args.calib_offset} if args.calib_offset else {})
-                for threads in args.threads:
+                for threads in [] if args.no_single else args.threads:
                     if args.before != "none" and method != "uniform":
                         rows.append({**base, "code": "before", "threads": threads, "processes": 1})
                     rows.append({**base, "code": "after", "threads": threads, "processes": 1})
@@ -374,6 +374,7 @@ def _parse(argv):
     p.add_argument(
         "--row-timeout", type=float, default=None, help="cut a row after S seconds (keeps its progress)"
     )
+    p.add_argument("--no-single", action="store_true", help="only the torchrun rows (a long model)")
     p.add_argument(
         "--calib-offset", type=int, default=0, help="demo models: calibrate on train samples N … N+31 (noise)"
     )
