@@ -2,7 +2,8 @@
 
     python benchmarks/ptq.py [--models vit-digits minilm deit-small] [--bits 4] [--methods ...]
         [--threads 1 2] [--processes 2] [--before main|fp32|none] [--before-root /work/main]
-        [--before-deit-blocks N] [--deit-blocks N] [--row-timeout S] [--name xeon-amx] [--out DIR]
+        [--before-deit-blocks N] [--deit-blocks N] [--row-timeout S] [--calib-offset 32] [--no-single]
+        [--name xeon-amx] [--out DIR]
     python benchmarks/ptq.py --merge RUN1.json RUN2.json ... [--name xeon-amx] [--out DIR]
 
 Every row is one fresh process (``--worker``), so the "before" rows can run another checkout's
@@ -30,7 +31,9 @@ A@V searches, exchange) and per unit (``profile_units``) where the code reports 
 seconds (rank 0): on a shared CPU a 1-thread row's CPU time is close to its time on an idle core.
 A code without a profile keeps its progress lines (``progress``: units done, unit, elapsed s, CPU s), also
 when ``--row-timeout`` cuts the row. ``--merge`` writes one results file from several runs (each
-run's meta kept; the summary recomputed over all rows). Output: a table on stdout and
+run's meta kept; the summary recomputed over all rows). ``--calib-offset 32`` calibrates the demo models on the
+train samples 32 … 63 instead (rows kept out of the before/after pairs; the summary gives their
+metrics minus the default calibration's, same code: the run-to-run noise of a calibration draw). Output: a table on stdout and
 ``benchmarks/results/ptq-<name>-<date>.json`` (machine, CPU, date, command, every row).
 """
 
@@ -93,7 +96,8 @@ def _deit(blocks: int | None):
     return loaded, make_context([batch], loaded.call, torch.device("cpu")), [batch[:8]]
 
 
-def _demo(spec: str):
+def _demo(spec: str, offset: int = 0):
+    """The demo model, its calibration batch (train samples ``offset … offset + 32``) and test data."""
     import torch
 
     from edgecompress.calib import make_context
@@ -101,10 +105,10 @@ def _demo(spec: str):
     from edgecompress.models.loading import load_model
 
     loaded = load_model(spec)
-    calib = load_data(None, loaded, "train", CALIB_SAMPLES, CALIB_SAMPLES)
+    calib = load_data(None, loaded, "train", offset + CALIB_SAMPLES, CALIB_SAMPLES)
     return (
         loaded,
-        make_context(calib.batches, loaded.call, torch.device("cpu")),
+        make_context(calib.batches[-1:] if offset else calib.batches, loaded.call, torch.device("cpu")),
         load_data(None, loaded, "test", 0, 64),
     )
 
@@ -142,7 +146,7 @@ def worker(spec: dict) -> dict | None:
         with torch.no_grad():
             fp_out = [loaded.call(loaded.model, test[0]).clone()]
     else:
-        loaded, ctx, test = _demo(f"demo:{spec['model']}")
+        loaded, ctx, test = _demo(f"demo:{spec['model']}", spec.get("calib_offset", 0))
         _, fp_out = evaluate(loaded, loaded.model, test)
     p = _pass(spec["method"], spec["bits"], kw if spec["method"] != "uniform" else {})
     t0, c0 = time.perf_counter(), time.process_time()
@@ -209,7 +213,8 @@ def plan(args) -> list[dict]:
         for method in args.methods or DEFAULT_METHODS[model]:
             for bits in args.bits:
                 base = {"model": model, "method": method, "bits": bits}
-                for threads in args.threads:
+                base.update({"calib_offset": args.calib_offset} if args.calib_offset else {})
+                for threads in [] if args.no_single else args.threads:
                     if args.before != "none" and method != "uniform":
                         rows.append({**base, "code": "before", "threads": threads, "processes": 1})
                     rows.append({**base, "code": "after", "threads": threads, "processes": 1})
@@ -223,7 +228,7 @@ def plan(args) -> list[dict]:
 
 
 def measure(r: dict, args) -> dict:
-    spec = {k: r[k] for k in ("model", "method", "bits", "threads", "max_tokens") if k in r}
+    spec = {k: r[k] for k in ("model", "method", "bits", "threads", "max_tokens", "calib_offset") if k in r}
     code = ROOT
     if r["code"] == "before":
         code = args.before_root if args.before == "main" else ROOT
@@ -248,6 +253,7 @@ def table(rows: list[dict]) -> str:
         cells = [str(r.get(k, "")) for k in KEYS]
         what = r["model"] + (f" ({r['blocks']})" if "blocks" in r else "")
         what += f" max_tokens={r['max_tokens']}" if r.get("max_tokens") else ""
+        what += f" calib {r['calib_offset']}+" if r.get("calib_offset") else ""
         load = r.get("load_before", [""])[0]
         lines.append(
             f"| {what} | {r['method']} | {r['bits']} | {r['code']} | {r['threads']} × {r['processes']} | "
@@ -268,7 +274,11 @@ def summary(rows: list[dict]) -> list[dict]:
     ident = lambda r: (r["model"], r["method"], r["bits"], r.get("blocks", ""))  # noqa: E731
     for key in sorted({ident(r) for r in rows if "calib_s" in r}):
         mine = [r for r in rows if ident(r) == key and "calib_s" in r]
-        pick = {(r["code"], r["threads"], r["processes"]): r for r in mine if not r.get("max_tokens")}
+        pick = {
+            (r["code"], r["threads"], r["processes"]): r
+            for r in mine
+            if not r.get("max_tokens") and not r.get("calib_offset")
+        }
         entry: dict = {
             "model": key[0],
             "method": key[1],
@@ -299,8 +309,19 @@ def summary(rows: list[dict]) -> list[dict]:
             for m in METRICS:
                 if m in sub and m in one:
                     entry[f"max_tokens_{m}_delta"] = round(sub[m] - one[m], 4)
+        entry.update(_calib_noise(mine, one))
         out.append(entry)
     return out
+
+
+def _calib_noise(mine: list[dict], one: dict | None) -> dict:
+    """The metrics of a calibration on other train samples (``--calib-offset``) minus the default's
+    (same code, 1 thread): the run-to-run noise of a calibration draw, to judge drift against."""
+    off = next((r for r in mine if r.get("calib_offset") and r["code"] == "after"), None)
+    if not (off and one):
+        return {}
+    deltas = {f"calib_offset_{m}_delta": round(off[m] - one[m], 4) for m in METRICS if m in off and m in one}
+    return {"calib_offset": off["calib_offset"], **deltas} if deltas else {}
 
 
 def _commit(path: Path) -> str:
@@ -353,6 +374,10 @@ def _parse(argv):
     p.add_argument(
         "--row-timeout", type=float, default=None, help="cut a row after S seconds (keeps its progress)"
     )
+    p.add_argument("--no-single", action="store_true", help="only the torchrun rows (a long model)")
+    p.add_argument(
+        "--calib-offset", type=int, default=0, help="demo models: calibrate on train samples N … N+31 (noise)"
+    )
     p.add_argument("--merge", type=Path, nargs="+", help="merge these results files of earlier runs")
     p.add_argument("--note", action="append", default=[], help="with --merge: a line for the file's meta")
     p.add_argument("--name", default="xeon-amx", help="machine name in the result file")
@@ -383,6 +408,9 @@ def merge(paths: list[Path], out: Path, notes: list[str]) -> None:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.calib_offset % CALIB_SAMPLES:
+        print(f"--calib-offset must be a multiple of {CALIB_SAMPLES}", file=sys.stderr)
+        return 2
     if args.merge:
         merge(args.merge, args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json", args.note)
         return 0

@@ -230,3 +230,73 @@ def test_fused_kernels_equal_eager(monkeypatch):
         assert fused._state["on"], "the compiled kernels failed and switched themselves off"
         torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-6)
         torch.testing.assert_close(got.sum(1), ref.sum(1), rtol=1e-4, atol=0)
+
+
+def _sweep_case(family: str):
+    """A seeded layer (T·K ≥ FUSE_MIN, odd sizes) and one family's candidates: per group (zero-point,
+    q) a run of nearby scales (incremental), a jump (a new anchor) and a lone candidate (dense)."""
+    g = _gen(21)
+    x = torch.nn.functional.gelu(torch.randn(301, 259, generator=g) * 2)
+    x[:, 5] *= 6
+    w = torch.randn(97, 259, generator=g) / 259**0.5
+    w_hat = fq_uniform(w, w.abs().amax(1, keepdim=True) / 7, torch.full((97, 1), 8.0), 4)
+    near = torch.tensor([1.0, 1.0005, 1.001, 1.003, 1.01, 1.03, 1.3, 1.302])
+    if family == "uniform":
+        quant, group = UniformCandidates(4), torch.tensor([3.0] * 8 + [5.0] * 8 + [7.0])
+        scale = torch.cat([near * 0.09, near * 0.07, torch.tensor([0.2])])
+    else:
+        quant, group = AdaLogCandidates(4, GELU_SHIFT), torch.tensor([13.0] * 8 + [29.0] * 8 + [60.0])
+        scale = torch.cat([near * 1.5, near * 2.2, torch.tensor([3.0])])
+    perm = torch.randperm(17, generator=g)  # the scorer sorts its batch itself
+    return x, w_hat, w, quant, (scale[perm], group[perm])
+
+
+@pytest.mark.parametrize("family", ["uniform", "adalog"])
+@pytest.mark.parametrize("csr_max", [0.0, 1.0], ids=["scatter", "csr"])
+def test_sweep_scores_equal_dense_bf16(family, csr_max, monkeypatch):
+    """Oracle: the dense bf16 score of the same candidates (``sweep`` off) and the fp32 reference.
+    The incremental scores (both update paths: scattered ``ΔV`` with a bf16 product, fp32 CSR)
+    within 1e-3 relative of the dense bf16 ones (measured ≤ 3e-4: the anchors' bf16 rounding,
+    carried by ``a/a_anchor``) and within 2e-3 of the fp32 reference (measured ≤ 6.3e-4; the dense
+    bf16 score itself: 7e-4 on this layer); the same batch scored again (from the state the first
+    call left) within 1e-4."""
+    from edgecompress.quantize.vit_ptq import sweep
+
+    x, w_hat, w, quant, params = _sweep_case(family)
+    monkeypatch.setattr(sweep, "CSR_MAX", csr_max)
+    fast = vo.act_output_score(x, w_hat, w, quant, BF16)
+    got, again = fast(*params), fast(*params)
+    assert fast.counts["sparse"] >= 16 and fast.counts["anchor"] >= 4 and fast.counts["dense"] >= 2, (
+        fast.counts
+    )
+    assert sweep.applies(quant, x, w_hat.T, BF16)
+    monkeypatch.setattr(sweep, "applies", lambda *a: False)
+    dense = vo.act_output_score(x, w_hat, w, quant, BF16)(*params)
+    ref = vo.act_output_score(x, w_hat, w, quant)(*params)
+    torch.testing.assert_close(got, dense, rtol=1e-3, atol=0)
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=0)
+    torch.testing.assert_close(again, got, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shift", [None, GELU_SHIFT], ids=["uniform", "adalog"])
+def test_sweep_search_linear_matches_fp32(shift, monkeypatch):
+    """Oracle: search_linear in fp32 on the same seeded layer (T·K = 70,871 ≥ FUSE_MIN and K ≥ 2·O,
+    so the bf16 input searches are incremental); its parameters identical or the fp32 output MSE
+    within 0.5 %."""
+    from edgecompress.quantize.vit_ptq import sweep
+
+    made = []
+
+    class Spy(sweep.SweepScore):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(sweep, "SweepScore", Spy)
+    x, w = _layer(541, 131, 59, seed=17, gelu=shift is not None)
+    ref = vo.search_linear(x, w, 4, 4, rounds=1, post_gelu_shift=shift)
+    got = vo.search_linear(x, w, 4, 4, rounds=1, post_gelu_shift=shift, dtype=BF16)
+    assert made and made[0].counts["sparse"] > 100, [m.counts for m in made]
+    ref_mse, got_mse = _fp32_mse(x, w, ref, 4), _fp32_mse(x, w, got, 4)
+    same = torch.equal(ref.w_scale, got.w_scale) and all(torch.equal(ref.act[n], got.act[n]) for n in ref.act)
+    assert same or got_mse <= ref_mse * (1 + OBJECTIVE_RTOL), (got_mse, ref_mse)

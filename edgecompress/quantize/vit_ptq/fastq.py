@@ -130,6 +130,29 @@ class UniformCandidates:
         """``Σ_r (Δ P + B)²`` of one candidate in one compiled pass (:mod:`~edgecompress.quantize.vit_ptq.fused`)."""
         return fused.uniform_error(x, scale, -zp, levels(self.bits) - 1 - zp, p, b)
 
+    # the step-function view of :mod:`~edgecompress.quantize.vit_ptq.sweep`: x̂ − x = a·V(key) − base
+
+    def sweep_view(self, x: torch.Tensor, prep: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key, base)``: ``V`` is a non-decreasing step function of ``key = x``; ``base = x``."""
+        return x, x
+
+    def sweep_group(self, scale: torch.Tensor, zp: torch.Tensor) -> float:
+        """Candidates of one group share ``V``'s levels (here: the zero-point)."""
+        return float(zp)
+
+    def sweep_factor(self, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        return scale
+
+    def sweep_thresholds(self, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        """Keys where ``V`` steps up (float64, up to ties): ``V ≥ v ⟺ x ≥ (v − ½)·s``."""
+        v = torch.arange(1, levels(self.bits), dtype=torch.float64) - float(zp)
+        return (v - 0.5) * float(scale)
+
+    def sweep_values(self, key: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        """``V`` of the given keys, with :meth:`delta`'s operations: ``clamp(round(x/s), −z, 2^b−1−z)``."""
+        u = (key / scale).round_()
+        return u.clamp_min_(-zp).clamp_max_(levels(self.bits) - 1 - zp)
+
 
 class AdaLogCandidates:
     """AdaLog (LUT dequant) on ``x + shift``, minus ``shift``: params ``(scale, q)``, or ``(q,)``
@@ -186,3 +209,32 @@ class AdaLogCandidates:
         inv = (ADALOG_R / q.to(x.dtype)).reshape(())
         tab = self._tables(x, scale, q)[0]
         return fused.adalog_error(lam, xs, l2s, inv, tab, n_value_codes(self.bits), p, b)
+
+    # the step-function view of :mod:`~edgecompress.quantize.vit_ptq.sweep`: x̂ − x = a·V(λ) − (x + shift)
+
+    def sweep_view(self, x: torch.Tensor, prep: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key, base) = (λ, x + shift)``: ``V = T_q[code]`` is a step function of ``λ`` whose
+        levels descend (the zero code last); only the thresholds need to be ordered."""
+        xs, lam = prep
+        return lam, xs
+
+    def sweep_group(self, *params: torch.Tensor) -> float:
+        return float(params[-1])  # q: one code table
+
+    def sweep_factor(self, *params: torch.Tensor) -> torch.Tensor:
+        scale = params[0] if self.scale is None else torch.tensor(self.scale)
+        return scale
+
+    def sweep_thresholds(self, *params: torch.Tensor) -> torch.Tensor:
+        """``code ≥ j ⟺ λ ≥ (j − ½)·q/r − log2 s`` for ``j = 1 … n`` (float64, up to ties)."""
+        scale = float(self.sweep_factor(*params))
+        j = torch.arange(1, n_value_codes(self.bits) + 1, dtype=torch.float64)
+        return (j - 0.5) * float(params[-1]) / ADALOG_R - math.log2(scale)
+
+    def sweep_values(self, lam: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """``T_q[code]`` of the given ``λ``, codes with :meth:`delta`'s operations."""
+        scale, q = self._params(params, lam)
+        n = n_value_codes(self.bits)
+        u = torch.add(lam, torch.log2(scale)) if self.scale is None else lam.clone()
+        u.mul_(ADALOG_R / q.to(lam.dtype)).clamp_(min=0.0).round_().clamp_(max=float(n))
+        return _adalog_table(int(q), self.bits).to(lam.device)[u.long()]

@@ -43,7 +43,7 @@ import torch
 
 from edgecompress.quantize.search import chunked
 from edgecompress.quantize.uniform import levels
-from edgecompress.quantize.vit_ptq import fused
+from edgecompress.quantize.vit_ptq import fused, sweep
 from edgecompress.quantize.vit_ptq.fastq import UniformCandidates, fq_uniform
 from edgecompress.quantize.vit_ptq.fused import fusing
 
@@ -206,7 +206,12 @@ def act_score(
         tot = sum(candidate_error(quant, x[r], rows_of(prep, r), ps, p, b[r], dtype).sum(1) for r in rows)
         return ((tot.double() + const) / n).float()  # [C]
 
-    return chunked(score, candidates_per_call(rows[0].stop * max(k, p.shape[1])))
+    dense = chunked(score, candidates_per_call(rows[0].stop * max(k, p.shape[1])))
+    return (
+        sweep.SweepScore(quant, x, prep, p, b, const, n, dense)
+        if sweep.applies(quant, x, p, dtype)
+        else dense
+    )
 
 
 def _per_head(p: torch.Tensor) -> torch.Tensor:
