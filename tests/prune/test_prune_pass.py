@@ -48,7 +48,7 @@ def _run(loaded, **fields):
     return model, records[0]["info"]["prune"], batches
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "taylor", "activation", "distortion"])
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "activation", "distortion", "obs"])
 def test_layer_adaptive_dp_beats_uniform_on_its_own_curves(importance, one_thread):
     loaded = tiny_timm("vit_tiny_patch16_224", depth=3, mlp_ratio=2.0)
     model, info, _ = _run(loaded, importance=importance, budget={"params": 0.45}, curve_points=4, round_to=4)
@@ -79,6 +79,28 @@ def _interp(curve: dict[int, float], k: int) -> float:
 
     xs = sorted(curve)
     return float(np.interp(k, xs, [curve[x] for x in xs]))
+
+
+def test_scale_recovery_only_rescales_kept_units_and_lowers_every_layer_error(one_thread):
+    """``recovery: scale`` (Kwon et al.'s mask tuning) against the same pruning without recovery: every
+    kept unit's output-projection columns are that unit's columns times one number, the biases are
+    unchanged, and each layer's error on the calibration data is no larger after its refit."""
+    loaded = tiny_timm("vit_tiny_patch16_224", depth=3, mlp_ratio=2.0)
+    fields = {"allocation": "uniform", "budget": {"params": 0.4}, "round_to": 4}
+    plain, _, _ = _run(loaded, recovery="none", **fields)
+    scaled, info, _ = _run(loaded, recovery="scale", ridge=0.0, **fields)
+    layers = info["recovery"]["layers"]
+    assert len(layers) == 6 and all(v["after"] <= v["before"] * (1 + 1e-9) for v in layers.values())
+    assert sum(v["after"] for v in layers.values()) < 0.999 * sum(v["before"] for v in layers.values())
+    for name, width in (("attn.proj", 12), ("mlp.fc2", 1)):
+        for i in range(3):
+            a, b = plain.get_submodule(f"blocks.{i}.{name}"), scaled.get_submodule(f"blocks.{i}.{name}")
+            assert torch.equal(a.bias, b.bias)
+            wa = a.weight.double().reshape(a.out_features, -1, width).transpose(0, 1).flatten(1)
+            wb = b.weight.double().reshape(b.out_features, -1, width).transpose(0, 1).flatten(1)
+            s = (wa * wb).sum(1) / wa.pow(2).sum(1)  # the least-squares ratio per unit
+            assert torch.allclose(wb, s[:, None] * wa, rtol=1e-5, atol=1e-6)
+            assert (s - 1).abs().max() > 1e-4  # really rescaled
 
 
 def test_flops_budget_counts_multiply_adds(one_thread):
