@@ -25,7 +25,10 @@ Every score is ``[units]`` (higher = more important); the units a group keeps ar
   lstsq`` minimises with the dense inputs (``‖X̃(V − W̃)‖² + λ‖V_w − W‖²`` with the removed columns
   of ``V`` zero; same ``λ = ridge ×`` mean diagonal). Units are removed ``max(1, units // 256)`` at
   a time (ZipLM removes one at a time; chunks bound the cost on wide MLPs); the score is the
-  removal rank (kept units = removed last), so every kept count gets a nested set.
+  removal rank (kept units = removed last), so every kept count gets a nested set. Measured on
+  MiniLM (64 calibration texts, ``lstsq``, layer_adaptive; benchmarks/prune.py): embedding cosine
+  0.917 / 0.866 / 0.782 at 30 / 50 / 70 % vs ``activation``'s 0.926 / 0.874 / 0.795 — choosing the
+  units that the calibration texts are best refit without fits those few texts, not the model.
 """
 
 from __future__ import annotations
