@@ -28,7 +28,7 @@ same solves with the dense inputs (:func:`refit`, from the Gram matrix).
 
 Measured on MiniLM (50 % of the attention + MLP parameters, activation importance, uniform, 64
 calibration texts, embedding cosine on the 310 test texts; benchmarks/prune_diagnose.py): no
-recovery 0.611; ``scale`` 0.585 (every layer's error falls by only 2–30 %: six scales cannot
+recovery 0.611; ``scale`` 0.585 (every layer's error falls by only 2–32 %: six scales cannot
 rebuild what six removed heads wrote); ``lstsq`` 0.806 at ``ridge`` 1 (0.800 at 3, 0.785 at 10,
 0.793 at 0.1, 0.748 at 0.01, 0.717 at 0.001 — a weaker ridge fits the calibration texts better and
 the others worse; a ridge towards zero was worse still: 0.55 vs 0.80 in an earlier run with 32 texts).
