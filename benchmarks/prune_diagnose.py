@@ -1,16 +1,20 @@
 """Diagnosis of the closed-form recovery on MiniLM (untimed; run with ``nice -n 19``).
 
     python benchmarks/prune_diagnose.py [--calib 64] [--budgets 0.5] [--ridges 1 0.1 0.01]
-                                        [--importances activation] [--allocations uniform]
+                                        [--recoveries lstsq scale] [--importances activation]
+                                        [--allocations uniform] [--granularity heads mlp] [--out F]
 
-Per (importance, allocation, budget, recovery, ridge): the embedding cosine / NN agreement on the test
-texts, the calibration output error, and per reconstructed layer the squared error before and after
-its refit relative to the target's energy. Prints one line per setting and the per-layer table.
+Per (importance, allocation, recovery, ridge, budget), after a no-recovery baseline: the embedding
+cosine / NN agreement on the test texts, the mean cosine on the calibration texts and on the other
+train texts (what the fit learnt of its few samples), the calibration output error before and after
+the recovery, and per reconstructed layer the squared error before and after its refit relative to
+the target's energy. Prints one line per setting and the per-layer table; ``--out`` writes the rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -43,7 +47,7 @@ def run(args) -> list[dict]:
                 for b in args.budgets:
                     pb = dataclasses.replace(p, budget={"params": b})
                     ctx = dataclasses.replace(s.ctx, notes=[], info={})
-                    model = pb.execute(__import__("copy").deepcopy(s.loaded.model), ctx, prep)
+                    model = pb.execute(copy.deepcopy(s.loaded.model), ctx, prep)
                     rec_info = ctx.info["prune"]["recovery"]
                     layers = {n: (round(v["before"] / v["target"], 4), round(v["after"] / v["target"], 4))
                               for n, v in rec_info.get("layers", {}).items()}  # fmt: skip
@@ -54,10 +58,6 @@ def run(args) -> list[dict]:
                     print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
                     for n, (a, c) in layers.items():
                         print(f"    {n:45s} rel err before {a:.4f} after {c:.4f}", flush=True)
-                    if rec == "none":
-                        break
-                if rec == "none" and len(args.budgets) > 1:
-                    pass
     return rows
 
 
