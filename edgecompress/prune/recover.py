@@ -32,6 +32,8 @@ recovery 0.611; ``scale`` 0.585 (every layer's error falls by only 2–32 %: six
 rebuild what six removed heads wrote); ``lstsq`` 0.806 at ``ridge`` 1 (0.800 at 3, 0.785 at 10,
 0.793 at 0.1, 0.748 at 0.01, 0.717 at 0.001 — a weaker ridge fits the calibration texts better and
 the others worse; a ridge towards zero was worse still: 0.55 vs 0.80 in an earlier run with 32 texts).
+With layer_adaptive allocation the best ridge is lower: 0.835 / 0.884 / 0.874 / 0.849 at 0.1 / 0.3 /
+1 / 3; the default stays 1 (one model, one budget; every other measured row uses it).
 With layer_adaptive allocation (benchmarks/prune.py, ridge 1, 30 / 50 / 70 %): none 0.848 / 0.719 /
 0.536, ``scale`` 0.854 / 0.692 / 0.533, ``lstsq`` 0.926 / 0.874 / 0.795. ``lstsq``'s limit is not the
 solver: at 50 % it reaches cosine 0.955 on the 64 calibration texts themselves and 0.880 on the other
