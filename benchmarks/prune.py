@@ -67,19 +67,21 @@ from benchmarks.prune_report import merge, plot, summary, table  # noqa: E402
 from benchmarks.prune_tp import tp_at_budget  # noqa: E402
 from edgecompress.bench.env import environment  # noqa: E402
 from edgecompress.calib import make_context  # noqa: E402
-from edgecompress.data.metrics import evaluate  # noqa: E402
+from edgecompress.data.metrics import evaluate, outputs  # noqa: E402
 from edgecompress.data.specs import load_data, load_samples  # noqa: E402
 from edgecompress.models.loading import load_model, restore  # noqa: E402
 from edgecompress.pipeline import make_teacher  # noqa: E402
 from edgecompress.prune import PruneStructured  # noqa: E402
 from edgecompress.prune.apply import joint_error  # noqa: E402
+from edgecompress.prune.importance import IMPORTANCES as PASS_IMPORTANCES  # noqa: E402
+from edgecompress.prune.recover import RECOVERIES  # noqa: E402
 from edgecompress.structure import save  # noqa: E402
 from edgecompress.train import TrainConfig, default_loss, fit  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 RESULT = "prune-xeon-amx-2026-12-06.json"  # this machine (Xeon with AMX) and the session's date
 SPECS = {"vit-digits": "demo:vit-digits", "minilm": "demo:minilm"}
-IMPORTANCES = ("magnitude", "taylor", "activation")
+IMPORTANCES = ("magnitude", "taylor", "activation")  # the default set; "obs" / "distortion" on request
 FT = {"vit-digits": {"lr": 1e-4, "batch_size": 64}, "minilm": {"lr": 5e-5, "batch_size": 16}}
 
 
@@ -93,6 +95,7 @@ class Setup:
     ctx: object
     dense: dict
     preps: dict = dataclasses.field(default_factory=dict)  # (importance, recovery) → (prepared, seconds)
+    train_ref: tuple | None = None  # (all train texts, the dense embeddings): :func:`heldout`
 
     def prepare(self, importance: str, recovery: str):
         """The statistics and curves of one (importance, recovery), measured once and reused by every part."""
@@ -147,10 +150,22 @@ def _cut(s: Setup, p: PruneStructured, prep) -> tuple[torch.nn.Module, dict]:
     }  # fmt: skip
 
 
-def quality_rows(s: Setup, budgets, importances=IMPORTANCES) -> list[dict]:
+def heldout(s: Setup, model) -> dict:
+    """Encoders: the mean embedding cosine on the calibration texts (the first ``--calib`` train texts)
+    and on the other train texts — the gap is what the closed-form fits learnt of their few samples."""
+    if s.loaded.kind != "encoder":
+        return {}
+    if s.train_ref is None:
+        s.train_ref = (load_data(None, s.loaded, "train", 0, 64), torch.cat(outputs(s.loaded, s.loaded.model, load_data(None, s.loaded, "train", 0, 64))))  # fmt: skip
+    n = sum(len(b) for b in s.calib)
+    cos = (torch.cat(outputs(s.loaded, model, s.train_ref[0])) * s.train_ref[1]).sum(-1)
+    return {"cosine_calib_texts": round(float(cos[:n].mean()), 5), "cosine_other_train_texts": round(float(cos[n:].mean()), 5)}  # fmt: skip
+
+
+def quality_rows(s: Setup, budgets, importances=IMPORTANCES, recoveries=("none", "lstsq")) -> list[dict]:
     rows = []
     for imp in importances:
-        for rec in ("none", "lstsq"):
+        for rec in recoveries:
             base = PruneStructured(importance=imp, recovery=rec)
             prep, plan_s = s.prepare(imp, rec)
             for b in budgets:
@@ -160,6 +175,7 @@ def quality_rows(s: Setup, budgets, importances=IMPORTANCES) -> list[dict]:
                     model, info = _cut(s, p, prep)
                     rows.append({"part": "quality", "model": s.name, "method": "prune_structured", "importance": imp,
                                  "recovery": rec, "allocation": alloc, "budget": b, **_metrics(s, model), **info,
+                                 **heldout(s, model), "calibration_samples": sum(len(x) for x in s.calib),
                                  "prepare_seconds": round(plan_s, 1), "load": [load, os.getloadavg()[0]]})  # fmt: skip
                     print(_line(rows[-1]), flush=True)
     return rows
@@ -274,7 +290,8 @@ def _args(argv):
         "--acceptance-calib", type=int, default=256, help="calibration texts of the acceptance row"
     )
     p.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
-    p.add_argument("--importances", nargs="+", default=list(IMPORTANCES), choices=list(IMPORTANCES))
+    p.add_argument("--importances", nargs="+", default=list(IMPORTANCES), choices=list(PASS_IMPORTANCES))
+    p.add_argument("--recoveries", nargs="+", default=["none", "lstsq"], choices=list(RECOVERIES))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--calib", type=int, default=64, help="calibration samples (train split)")
     p.add_argument("--ft-steps", type=int, default=100)
@@ -337,7 +354,7 @@ def acceptance_rows(calib_n: int, speed_threads: int, timed: bool = True) -> lis
 
 def _model_part(part: str, s: Setup, args) -> list[dict]:
     if part == "quality":
-        return quality_rows(s, args.budgets, args.importances)
+        return quality_rows(s, args.budgets, args.importances, args.recoveries)
     if part == "tp":
         return tp_rows(s, args.budgets, 0)
     if part == "ft":

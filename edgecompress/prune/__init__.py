@@ -15,8 +15,10 @@ Steps (each a pure function on tensors, with plumbing beside it):
 1. **Statistics** on the calibration data (:mod:`.calibrate`): the Gram matrix of every group's
    output-projection input, shapes, and the Taylor scores when asked.
 2. **Importance** of each unit (:mod:`.importance`, field ``importance``): ``magnitude``,
-   ``taylor`` (first order), ``activation`` (|W|·‖X‖), ``distortion`` (the output error of the
-   unit's removal). A group keeps its most important units.
+   ``taylor`` (first order; per batch, squared — the diagonal Fisher of a gate on the unit, Kwon et
+   al.'s mask-search score), ``activation`` (|W|·‖X‖), ``distortion`` (the output error of the
+   unit's removal), ``obs`` (greedy structured Optimal Brain Surgeon: the removal order that the
+   ``lstsq`` refit loses least by). A group keeps its most important units.
 3. **Allocation** (:mod:`.allocate`, :mod:`.plan`; field ``allocation``) of kept units per group
    under ``budget`` (``{params | flops | latency: fraction of the prunable groups' cost to remove}``;
    latency from a table measured in ONNX Runtime on this CPU, :mod:`.latency`): ``uniform`` (one
@@ -28,13 +30,15 @@ Steps (each a pure function on tensors, with plumbing beside it):
    distortions vs the joint distortion of the chosen allocation).
 4. **Shrinking** with kept widths that are multiples of ``round_to`` (unaligned widths can run
    slower than wider aligned ones), and **recovery** (:mod:`.recover`, :mod:`.reconstruct`; field
-   ``recovery``): bias compensation or layer-by-layer least-squares refitting of each pruned
-   group's output projection on calibration data (after Kwon et al., NeurIPS 2022); then, with
+   ``recovery``): bias compensation, or layer-by-layer refitting of each pruned group's output
+   projection on calibration data with the pruned model's inputs against the dense model's output
+   (Kwon et al., NeurIPS 2022): their per-unit scales (``scale``) or the whole kept weight and bias
+   by ridge least squares (``lstsq``); then, with
    ``recover_steps``, distillation fine-tuning through :func:`edgecompress.train.fit`.
 
 Fields: ``granularity`` (``heads``, ``mlp``, ``blocks``), ``importance``, ``allocation``, ``budget``
 (one of ``{params: f}``, ``{flops: f}``, ``{latency: f}``, ``0 < f < 1``), ``round_to`` (kept widths
-a multiple of it), ``recovery`` (``none`` | ``bias`` | ``lstsq``) and ``ridge`` (its strength,
+a multiple of it), ``recovery`` (``none`` | ``bias`` | ``lstsq`` | ``scale``) and ``ridge`` (its strength,
 relative to the mean input energy), ``recover_steps`` / ``recover_lr`` / ``batch_size`` (distillation
 after pruning; the recipe's ``train:`` gives the rest), ``curve_points`` (measured options per group),
 ``latency_points`` / ``latency_batch`` / ``latency_seq`` / ``latency_seconds`` (the ORT table),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edgecompress.prune.reconstruct import dense_targets, reconstruct
-from edgecompress.prune.recover import projection
+from edgecompress.prune.recover import SEQUENTIAL, projection
 from edgecompress.prune.shrink import patched, remove_branch, shrink, unit_columns
 from edgecompress.train import default_loss, fit
 
@@ -32,7 +32,9 @@ def joint_error(model: nn.Module, groups, keeps, stats, ref, recovery: str, ridg
             if len(keeps[g.name]) < g.units:
                 layer = model.get_submodule(g.out)
                 cols = unit_columns(g, keeps[g.name])
-                w, b = projection(layer.weight, layer.bias, stats[g.name].gram, cols, recovery, ridge)
+                w, b = projection(
+                    layer.weight, layer.bias, stats[g.name].gram, cols, recovery, ridge, g.col_width
+                )
                 stack.enter_context(patched(layer, w, b))
         return ref.error(model=model)
 
@@ -44,7 +46,7 @@ def _shrink_all(model, groups, keeps, stats, recovery: str, ridge: float) -> Non
         if len(keep) == g.units:
             continue
         layer = model.get_submodule(g.out)
-        mode = "none" if recovery == "lstsq" and keep else recovery
+        mode = "none" if recovery in SEQUENTIAL and keep else recovery
         w, b = projection(layer.weight, layer.bias, stats[g.name].gram, unit_columns(g, keep), mode, ridge)
         if not keep:
             remove_branch(model, g, b)
@@ -64,12 +66,14 @@ def apply_plan(model, groups, keeps, stats, batches, ctx, ref, p, curves) -> dic
         info["additivity"] = {"sum_of_single": predicted, "joint": joint,
                               "joint_over_sum": joint / predicted if predicted > 0 else None}  # fmt: skip
     partial = [g for g in pruned if keeps[g.name]]
-    targets = dense_targets(model, partial, batches, ctx.call) if p.recovery == "lstsq" and partial else None
+    targets = (
+        dense_targets(model, partial, batches, ctx.call) if p.recovery in SEQUENTIAL and partial else None
+    )
     _shrink_all(model, groups, keeps, stats, p.recovery, p.ridge)
     rec: dict = {"output_error": ref.error(model=model)}  # model-output MSE on the calibration data
     if targets is not None:
         rec["output_error_before_lstsq"] = rec["output_error"]
-        rec["layers"] = reconstruct(model, partial, batches, ctx.call, targets, p.ridge)
+        rec["layers"] = reconstruct(model, partial, batches, ctx.call, targets, p.ridge, p.recovery)
         rec["output_error"] = ref.error(model=model)
     info["recovery"] = rec
     return info

@@ -19,7 +19,7 @@ from edgecompress.prune.apply import apply_plan, recover_by_training
 from edgecompress.prune.calibrate import Stats, collect
 from edgecompress.prune.curves import Curve, Reference, sample_options
 from edgecompress.prune.groups import Group, find_groups, unit_view
-from edgecompress.prune.importance import IMPORTANCES, activation, distortion, kept, magnitude, ranking
+from edgecompress.prune.importance import IMPORTANCES, activation, distortion, kept, magnitude, obs, ranking
 from edgecompress.prune.recover import RECOVERIES, projection
 from edgecompress.prune.report import summarise
 from edgecompress.prune.shrink import patched, unit_columns
@@ -178,6 +178,8 @@ class PruneStructured:
             return st.taylor
         if self.importance == "activation":
             return activation(out.weight, st.x_norm, g.units, g.col_width)
+        if self.importance == "obs":
+            return obs(out.weight, out.bias, st.gram, g.units, g.col_width, self.ridge)
         return distortion(out.weight, st.gram[:-1, :-1], g.units, g.col_width)
 
     def table(self, model, groups, stats, ctx) -> P.Table:
@@ -199,7 +201,13 @@ class PruneStructured:
                 if k < g.units:
                     cols = unit_columns(g, kept(orders[g.name], k))
                     w, b = projection(
-                        layer.weight, layer.bias, stats[g.name].gram, cols, self.recovery, self.ridge
+                        layer.weight,
+                        layer.bias,
+                        stats[g.name].gram,
+                        cols,
+                        self.recovery,
+                        self.ridge,
+                        g.col_width,
                     )
                     with patched(layer, w, b):
                         curve.measured[k] = ref.error(block_key(g.name))

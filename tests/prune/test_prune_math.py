@@ -17,8 +17,8 @@ import torch
 
 from edgecompress.prune import allocate
 from edgecompress.prune.groups import Cut, unit_view
-from edgecompress.prune.importance import activation, distortion, kept, magnitude, ranking, taylor_batch
-from edgecompress.prune.recover import refit, ridge_solve
+from edgecompress.prune.importance import activation, distortion, kept, magnitude, obs, ranking, taylor_batch
+from edgecompress.prune.recover import SCALE_LIMIT, refit, ridge_solve, scale_solve
 
 TOL = 1e-9
 
@@ -168,3 +168,82 @@ def test_refit_modes_against_their_definitions(keep):
     }
     assert err["lstsq"] <= err["bias"] + 1e-9 <= err["none"] + 2e-9
     assert torch.allclose(const, y.mean(0), rtol=1e-10)  # a removed branch becomes its mean output
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_scale_solve_is_the_least_squares_scale_per_unit(bias):
+    """Kwon et al.'s mask tuning against its definition: the least-squares scales of the units'
+    output contributions (one design column per unit, built explicitly), bias held, no ridge."""
+    x, w, b = _setup(5)
+    units, width = 5, 3
+    gen = torch.Generator().manual_seed(6)
+    y = x @ (w * (1 + 0.3 * torch.randn(1, 15, generator=gen, dtype=torch.float64))).T + b
+    y = y + 0.05 * torch.randn(59, 7, generator=gen, dtype=torch.float64)
+    xa = torch.cat([x, torch.ones(59, 1, dtype=x.dtype)], 1) if bias else x
+    cur = torch.cat([w, b[:, None]], 1) if bias else w
+    v = scale_solve(cur, xa.T @ xa, xa.T @ y, width, 0.0, bias)
+    design = torch.stack(
+        [(x[:, u * 3 : u * 3 + 3] @ w[:, u * 3 : u * 3 + 3].T).flatten() for u in range(units)], 1
+    )
+    s = torch.linalg.lstsq(design, (y - (b if bias else 0.0)).flatten()[:, None]).solution[:, 0]
+    assert torch.allclose(v[:, :15], w * s.repeat_interleave(width), rtol=1e-8, atol=1e-10)
+    if bias:
+        assert torch.equal(v[:, 15], b)  # the bias is held
+    err = {n: float((xa @ m.T - y).pow(2).sum()) for n, m in {"scaled": v, "kept": cur}.items()}
+    assert err["scaled"] < err["kept"]
+    strong = scale_solve(cur, xa.T @ xa, xa.T @ y, width, 1e6, bias)  # a huge ridge: scales → 1
+    assert torch.allclose(strong, cur, rtol=1e-4, atol=1e-5)
+
+
+def test_scale_solve_rejects_out_of_range_scales():
+    x, w, b = _setup(7)
+    y = x @ (w * (2 * SCALE_LIMIT)).T  # every unit would need a scale of 20
+    v = scale_solve(w, x.T @ x, x.T @ y, 3, 0.0, False)
+    assert torch.equal(v, w)  # Kwon et al.'s guard: the layer stays as it was
+
+
+def test_refit_scale_uses_the_dense_output_as_target():
+    x, w, b = _setup(8)
+    gram, cols = _aug_gram(x), torch.tensor([0, 1, 2, 9, 10, 11])
+    ws, bs, _ = refit(w, b, gram, cols, "scale", 0.0, width=3)
+    xa = torch.cat([x, torch.ones(59, 1, dtype=x.dtype)], 1)
+    want = scale_solve(torch.cat([w, b[:, None]], 1)[:, [0, 1, 2, 9, 10, 11, 15]], xa[:, [0, 1, 2, 9, 10, 11, 15]].T @ xa[:, [0, 1, 2, 9, 10, 11, 15]],
+                       xa[:, [0, 1, 2, 9, 10, 11, 15]].T @ (x @ w.T + b), 3, 0.0, True)  # fmt: skip
+    assert torch.allclose(ws[:, cols], want[:, :6], rtol=1e-10) and torch.equal(bs, b)
+    assert torch.equal(ws[:, [3, 4, 5, 6, 7, 8, 12, 13, 14]], torch.zeros(7, 9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("bias", "ridge"), [(True, 0.0), (False, 0.3), (True, 0.3)])
+def test_obs_removes_greedily_the_unit_whose_refit_error_is_least(bias, ridge):
+    """Every step of the structured-OBS order against brute force: among the units left, the one
+    removed next is the one whose removal leaves the least ``‖X̃V − Y‖² + λ‖V_w − W‖²`` (``Y`` the
+    dense output, removed columns of ``V`` zero, the kept ones and the bias refit by ``ridge_solve``
+    with the same ``λ``)."""
+    x, w, b = _setup(9, units=6, width=2, d_out=5)
+    gram = _aug_gram(x)
+    order = ranking(obs(w, b if bias else None, gram, 6, 2, ridge)).flip(0)  # first removed first
+    lam = ridge * float(gram.diagonal()[:12].mean())
+    wt = torch.cat([w, b[:, None]], 1) if bias else w
+    xa = torch.cat([x, torch.ones(59, 1, dtype=x.dtype)], 1)[:, : wt.shape[1]]
+    y = xa @ wt.T
+
+    def error(removed):
+        cols = [c for c in range(12) if c // 2 not in removed]
+        sel = cols + ([12] if bias else [])
+        g = gram[sel][:, sel]
+        rel = lam / float(g.diagonal()[: len(cols)].mean())  # ridge_solve's λ is relative to its own Gram
+        v = ridge_solve(g, g @ wt[:, sel].T + gram[sel][:, [c for c in range(12) if c not in cols]] @ wt[:, [c for c in range(12) if c not in cols]].T,
+                        rel, len(cols) if bias else None, wt[:, sel])  # fmt: skip
+        penalty = (v[:, : len(cols)] - w[:, cols]).pow(2).sum() + w[
+            :, [c for c in range(12) if c not in cols]
+        ].pow(2).sum()
+        return float((xa[:, sel] @ v.T - y).pow(2).sum() + lam * penalty)
+
+    removed: list[int] = []
+    for u in order[:-1].tolist():
+        errs = {c: error(removed + [c]) for c in range(6) if c not in removed}
+        assert errs[u] <= min(errs.values()) * (1 + 1e-9) + 1e-9, (u, errs)
+        assert (
+            sorted(errs.values())[1] > min(errs.values()) * (1 + 1e-6) or len(errs) == 1
+        )  # no tie: the test can fail
+        removed.append(u)
