@@ -51,3 +51,11 @@ def compressed(loaded: LoadedModel, recipe: str, overrides: tuple[str, ...] = ()
     return LoadedModel(
         model.eval(), loaded.spec, loaded.kind, loaded.base, loaded.data_cfg, loaded.tokenizer_dir
     )
+
+
+def negated_head(loaded: LoadedModel) -> LoadedModel:
+    """A copy of ``loaded`` whose classifier head is negated: a wrong model every verification must refuse."""
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        model.head.weight.mul_(-1.0)
+    return LoadedModel(model, loaded.spec, loaded.kind, loaded.base, loaded.data_cfg, loaded.tokenizer_dir)

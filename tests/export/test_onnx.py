@@ -5,8 +5,6 @@ at most 1 + n // 100 samples below cosine 0.99)."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -21,7 +19,7 @@ from edgecompress.export.verify import _judge, check_verification, verify_onnx
 from edgecompress.models.loading import LoadedModel
 from edgecompress.models.slots import SlotLinear
 from tests.export.conftest import float_models
-from tests.export.models import compressed, tiny_bert_synthetic
+from tests.export.models import compressed, negated_head, tiny_bert_synthetic
 
 SAMPLES = 16
 
@@ -163,10 +161,7 @@ def test_torchscript_exporter_gives_the_same_qdq_graph(vit_w8a8, exported):
 
 def test_verification_of_a_different_model_fails(vit_w8a8, exported):
     res, _ = exported("vit_w8a8", vit_w8a8)
-    other = copy.deepcopy(vit_w8a8.model)
-    with torch.no_grad():
-        other.head.weight.mul_(-1.0)
-    wrong = LoadedModel(other, vit_w8a8.spec, "image", vit_w8a8.base, vit_w8a8.data_cfg)
+    wrong = negated_head(vit_w8a8)
     v = verify_onnx(wrong, res.path, samples=SAMPLES)
     assert not v["passed"] and v["failures"]
     with pytest.raises(UserError, match="verification failed"):

@@ -5,10 +5,7 @@ exports of a tiny odd-sized timm ViT (W4A4) compared in ONNX Runtime."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
 
 from edgecompress.export.inputs import sample_batches
 from edgecompress.export.verify import (
@@ -21,7 +18,7 @@ from edgecompress.export.verify import (
     sensitivity,
     verify_onnx,
 )
-from edgecompress.models.loading import LoadedModel
+from tests.export.models import negated_head
 
 SAMPLES = 16
 
@@ -121,10 +118,7 @@ def test_relaxed_verdict_on_a_real_export(vit_w4a4, exported):
 
 def test_a_wrong_model_is_not_excused_by_its_sensitivity(vit_w4a4, exported):
     res, _ = exported("vit_w4a4", vit_w4a4)
-    other = copy.deepcopy(vit_w4a4.model)
-    with torch.no_grad():
-        other.head.weight.mul_(-1.0)
-    wrong = LoadedModel(other, vit_w4a4.spec, "image", vit_w4a4.base, vit_w4a4.data_cfg)
+    wrong = negated_head(vit_w4a4)
     v = verify_onnx(wrong, res.path, samples=SAMPLES)
     assert not v["passed"] and v["sensitivity"]["strict_failures"]
     assert any(f.startswith("cosine_mean") for f in v["failures"])
