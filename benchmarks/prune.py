@@ -13,10 +13,9 @@ Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, 
 * ``dense`` — the unpruned models' metrics (top-1; the reference of the cosines).
 * ``quality`` — demo:vit-digits (top-1 on the 450 test digits) and demo:minilm (mean embedding cosine
   to the dense model and nearest-neighbour agreement on the test texts) at 30 / 50 / 70 % fewer
-  attention + MLP parameters: uniform vs layer_adaptive allocation × magnitude / Taylor /
-  activation importance × recovery none / lstsq, no training. Per (importance, recovery) the
-  statistics and distortion curves are measured once (``PruneStructured.prepare``) and every budget
-  and allocation is cut from them (``execute``), exactly what the pass does in one run.
+  attention + MLP parameters: uniform vs layer_adaptive × magnitude / Taylor / activation importance
+  × recovery none / lstsq, no training. Statistics and curves are measured once per (importance,
+  recovery) (``prepare``) and every budget and allocation cut from them (``execute``), as the pass does.
 * ``tp`` — Torch-Pruning (benchmarks/prune_tp.py: its ViT / BERT examples' settings, bottleneck
   mode, ratio matched to the budget) at the same budgets, no training.
 * ``ft`` — both after the same ``--ft-steps`` of fine-tuning through ``edgecompress.train.fit``
@@ -32,8 +31,7 @@ Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, 
   ``acceptance-quality`` (untimed) prunes, measures the cosine and saves the model in a temporary
   cache, so that a later ``acceptance`` run (under the bench lock) restores it and only times.
 * ``speed`` — benchmarks/prune_speed.py: pruned vs dense latency ratios in PyTorch and ONNX Runtime
-  (each pair alternated in one run), and whether a ``latency`` budget lands within 10 % of its
-  prediction.
+  (each pair alternated in one run), and whether a ``latency`` budget lands within 10 % of its target.
 
 Every row records the load average before and after it: the CPU is shared, so only ratios measured
 in one run are comparable.
@@ -42,11 +40,13 @@ in one run are comparable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,6 +74,7 @@ from edgecompress.pipeline import make_teacher  # noqa: E402
 from edgecompress.prune import PruneStructured  # noqa: E402
 from edgecompress.prune.apply import joint_error  # noqa: E402
 from edgecompress.prune.importance import IMPORTANCES as PASS_IMPORTANCES  # noqa: E402
+from edgecompress.prune.importance import kept  # noqa: E402
 from edgecompress.prune.recover import RECOVERIES  # noqa: E402
 from edgecompress.structure import save  # noqa: E402
 from edgecompress.train import TrainConfig, default_loss, fit  # noqa: E402
@@ -82,6 +83,7 @@ OUT = ROOT / "benchmarks" / "results"
 RESULT = "prune-xeon-amx-2026-12-06.json"  # this machine (Xeon with AMX) and the session's date
 SPECS = {"vit-digits": "demo:vit-digits", "minilm": "demo:minilm"}
 IMPORTANCES = ("magnitude", "taylor", "activation")  # the default set; "obs" / "distortion" on request
+SPEED = prune_speed.MODELS
 FT = {"vit-digits": {"lr": 1e-4, "batch_size": 64}, "minilm": {"lr": 5e-5, "batch_size": 16}}
 
 
@@ -100,10 +102,8 @@ class Setup:
     def prepare(self, importance: str, recovery: str):
         """The statistics and curves of one (importance, recovery), measured once and reused by every part."""
         if (importance, recovery) not in self.preps:
-            t0 = time.perf_counter()
-            prep = PruneStructured(importance=importance, recovery=recovery).prepare(
-                self.loaded.model, self.ctx
-            )
+            t0, p = time.perf_counter(), PruneStructured(importance=importance, recovery=recovery)
+            prep = p.prepare(self.loaded.model, self.ctx)
             self.preps[importance, recovery] = (prep, time.perf_counter() - t0)
         return self.preps[importance, recovery]
 
@@ -115,16 +115,8 @@ def setup(name: str, calib_n: int, ft_steps: int) -> Setup:
     test = load_data(None, loaded, "test", 0, 64)
     dense, reference = evaluate(loaded, loaded.model, test)
     cfg = TrainConfig(steps=max(ft_steps, 1), warmup_steps=max(1, ft_steps // 20), log_every=10, **FT[name])
-    ctx = make_context(
-        calib,
-        loaded.call,
-        torch.device("cpu"),
-        kind=loaded.kind,
-        train=cfg,
-        data=lambda split: (
-            calib if split == "calib" else train
-        ),  # calib: the pass statistics; train: fine-tuning
-    )
+    data = lambda split: calib if split == "calib" else train  # noqa: E731  (calib: the statistics; train: fine-tuning)
+    ctx = make_context(calib, loaded.call, torch.device("cpu"), kind=loaded.kind, train=cfg, data=data)
     ctx = dataclasses.replace(ctx, teacher=make_teacher(loaded.model))
     return Setup(name, loaded, calib, test, reference, ctx, dense)
 
@@ -182,12 +174,9 @@ def quality_rows(s: Setup, budgets, importances=IMPORTANCES, recoveries=("none",
 
 
 def _finetune(s: Setup, model, steps: int) -> dict:
-    ctx = s.ctx
+    c = s.ctx
     res = fit(
-        model,
-        default_loss(ctx.teacher, ctx.call, ctx.kind),
-        ctx.batches("train"),
-        ctx.train.override(steps=steps),
+        model, default_loss(c.teacher, c.call, c.kind), c.batches("train"), c.train.override(steps=steps)
     )
     return {"steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1)}
 
@@ -232,7 +221,7 @@ def _random_keeps(prep, budget: float, gen: np.random.Generator) -> dict[str, li
     keeps = {}
     for (name, opts), r in zip(table.options.items(), ratios):
         k = min(opts, key=lambda o: abs(o / opts[-1] - r))
-        keeps[name] = [int(u) for u in sorted(prep.orders[name][:k].tolist())]
+        keeps[name] = kept(prep.orders[name], k)
     return keeps
 
 
@@ -250,7 +239,7 @@ def _additivity(s: Setup, rec: str, budget: float, n_random: int, gen) -> dict:
     p = PruneStructured(importance="activation", recovery=rec, budget={"params": budget})
     prep, _ = s.prepare("activation", rec)
     widths = p.allocate(prep.table, prep.curves)
-    samples = [{n: [int(u) for u in sorted(prep.orders[n][:k].tolist())] for n, k in widths.items()}]
+    samples = [{n: kept(prep.orders[n], k) for n, k in widths.items()}]
     samples += [_random_keeps(prep, budget, gen) for _ in range(n_random)]
     pairs = []
     for keeps in samples:
@@ -281,32 +270,20 @@ def timing_rows(s: Setup) -> list[dict]:
 
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--parts",
-        nargs="+",
-        default=["dense", "quality", "tp", "ft", "additivity", "timing", "acceptance", "speed"],
-    )
-    p.add_argument(
-        "--acceptance-calib", type=int, default=256, help="calibration texts of the acceptance row"
-    )
+    p.add_argument("--parts", nargs="+", default=["dense", "quality", "tp", "ft", "additivity", "timing", "acceptance", "speed"])  # fmt: skip
+    p.add_argument("--acceptance-calib", type=int, default=64, help="calibration texts of the acceptance row")
     p.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--importances", nargs="+", default=list(IMPORTANCES), choices=list(PASS_IMPORTANCES))
     p.add_argument("--recoveries", nargs="+", default=["none", "lstsq"], choices=list(RECOVERIES))
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.3, 0.5, 0.7])
     p.add_argument("--calib", type=int, default=64, help="calibration samples (train split)")
     p.add_argument("--ft-steps", type=int, default=100)
     p.add_argument("--random", type=int, default=8, help="random allocations per budget (additivity)")
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch threads of the passes (1: the CPU is shared)"
-    )
-    p.add_argument(
-        "--speed-models", nargs="+", default=list(prune_speed.MODELS), choices=list(prune_speed.MODELS)
-    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the passes (1: shared CPU)")
+    p.add_argument("--speed-models", nargs="+", default=list(SPEED), choices=list(SPEED))
     p.add_argument("--speed-threads", type=int, default=2, help="threads of the timed runs (torch and ORT)")
     p.add_argument("--report", action="store_true", help="only the table, summary and PNG of the JSON")
-    p.add_argument(
-        "--merge", type=Path, nargs="*", default=[], help="merge the rows of these result JSONs first"
-    )
+    p.add_argument("--merge", type=Path, nargs="*", default=[], help="first merge these JSONs' rows")
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
 
@@ -314,13 +291,15 @@ def _args(argv):
 CACHE = Path(tempfile.gettempdir()) / "edgecompress-prune-acceptance"  # the pruned acceptance model
 
 
-def _acceptance_model(calib_n: int) -> tuple[Setup, torch.nn.Module, dict]:
+def _acceptance_model(calib_n: int, fresh: bool) -> tuple[Setup, torch.nn.Module, dict]:
     """The acceptance setting on MiniLM: 50 % of the attention + MLP parameters, closed-form recovery
     only (activation, layer_adaptive, lstsq), ``calib_n`` calibration texts; pruned here, or restored
     from ``CACHE/<calib_n>`` where an (untimed, low-priority) ``acceptance-quality`` run saved it, so
     the bench lock is held only for the timing."""
     s = setup("minilm", calib_n, 0)
     folder = CACHE / str(calib_n)
+    if fresh:  # an untimed run prunes anew: a cached model may come from older code
+        shutil.rmtree(folder, ignore_errors=True)
     if (folder / "row.json").is_file():
         return s, restore(folder).eval(), json.loads((folder / "row.json").read_text())
     p = PruneStructured(budget={"params": 0.5})
@@ -332,20 +311,25 @@ def _acceptance_model(calib_n: int) -> tuple[Setup, torch.nn.Module, dict]:
     return s, model.eval(), row
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def acceptance_rows(calib_n: int, speed_threads: int, timed: bool = True) -> list[dict]:
     """The acceptance row: embedding cosine (target ≥ 0.95) and, when ``timed``, the ORT latency ratio
     (target ≤ 0.65×; batch 8 × 128 tokens, alternated with the dense model)."""
-    s, model, row = _acceptance_model(calib_n)
+    s, model, row = _acceptance_model(calib_n, fresh=not timed)
     row = {**row, "cosine_target_met": row["cosine_mean"] >= 0.95}
     if not timed:
         return [{"part": "acceptance_quality", **row}]
-    pruned = dataclasses.replace(s.loaded, model=model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(speed_threads)
-    try:
-        speed = prune_speed._ratio(pruned, s.loaded, "onnxruntime", 8, speed_threads)
-    finally:
-        torch.set_num_threads(threads)
+    with _threads(speed_threads):
+        speed = prune_speed._ratio(dataclasses.replace(s.loaded, model=model), s.loaded, "onnxruntime", 8, speed_threads)  # fmt: skip
     row = {"part": "acceptance", **row, "ort": speed, "speedup": round(1 / speed["ratio"], 3),
            "latency_target_met": speed["ratio"] <= 0.65}  # fmt: skip
     print(_line(row), flush=True)
@@ -362,13 +346,8 @@ def _model_part(part: str, s: Setup, args) -> list[dict]:
     if part == "additivity":
         return additivity_rows(s, args.budgets, args.random)
     if part == "dense":  # the unpruned model's metrics (the reference of cosine and NN agreement)
-        return [
-            {
-                "part": "dense",
-                "model": s.name,
-                **{k: v for k, v in s.dense.items() if k in ("top1", "cosine_mean")},
-            }
-        ]
+        dense = {k: v for k, v in s.dense.items() if k in ("top1", "cosine_mean")}
+        return [{"part": "dense", "model": s.name, **dense}]
     return timing_rows(s) if s.name == "minilm" else []
 
 
@@ -376,11 +355,8 @@ def _run_part(part: str, args, cache: dict) -> list[dict]:
     if part in ("acceptance", "acceptance-quality"):
         return acceptance_rows(args.acceptance_calib, args.speed_threads, timed=part == "acceptance")
     if part == "speed":
-        torch.set_num_threads(args.speed_threads)
-        try:
+        with _threads(args.speed_threads):
             return prune_speed.rows(args.speed_models, args.budgets, args.calib, args.speed_threads)
-        finally:
-            torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
         if name not in cache:

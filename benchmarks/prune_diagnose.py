@@ -2,7 +2,8 @@
 
     python benchmarks/prune_diagnose.py [--calib 64] [--budgets 0.5] [--ridges 1 0.1 0.01]
                                         [--recoveries lstsq scale] [--importances activation]
-                                        [--allocations uniform] [--granularity heads mlp] [--out F]
+                                        [--allocations uniform] [--granularity heads mlp]
+                                        [--curve-folds 1 2] [--no-baseline] [--out F]
 
 Per (importance, allocation, recovery, ridge, budget), after a no-recovery baseline: the embedding
 cosine / NN agreement on the test texts, the mean cosine on the calibration texts and on the other
@@ -35,12 +36,14 @@ def run(args) -> list[dict]:
     rows = []
     for imp in args.importances:
         for alloc in args.allocations:
-            for rec, ridge in [("none", 0.0)] + [(r, x) for r in args.recoveries for x in args.ridges]:
+            settings = [(r, x, f) for r in args.recoveries for x in args.ridges for f in args.curve_folds]
+            for rec, ridge, folds in ([] if args.no_baseline else [("none", 0.0, 1)]) + settings:
                 p = PruneStructured(
                     importance=imp,
                     allocation=alloc,
                     recovery=rec,
                     ridge=ridge,
+                    curve_folds=folds,
                     granularity=tuple(args.granularity),
                 )
                 prep = p.prepare(s.loaded.model, s.ctx)
@@ -51,7 +54,7 @@ def run(args) -> list[dict]:
                     rec_info = ctx.info["prune"]["recovery"]
                     layers = {n: (round(v["before"] / v["target"], 4), round(v["after"] / v["target"], 4))
                               for n, v in rec_info.get("layers", {}).items()}  # fmt: skip
-                    row = {"importance": imp, "allocation": alloc, "recovery": rec, "ridge": ridge, "budget": b, "granularity": args.granularity,
+                    row = {"importance": imp, "allocation": alloc, "recovery": rec, "ridge": ridge, "curve_folds": folds, "budget": b, "granularity": args.granularity,
                            **_metrics(s, model), **heldout(s, model), "calib_error": rec_info["output_error"],
                            "calib_error_before": rec_info.get("output_error_before_lstsq"), "layers": layers}  # fmt: skip
                     rows.append(row)
@@ -70,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--importances", nargs="+", default=["activation"])
     ap.add_argument("--allocations", nargs="+", default=["uniform"])
     ap.add_argument("--granularity", nargs="+", default=["heads", "mlp"])
+    ap.add_argument("--curve-folds", type=int, nargs="+", default=[1], help="the pass's curve_folds")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the no-recovery baseline")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -40,7 +40,7 @@ def joint_error(model: nn.Module, groups, keeps, stats, ref, recovery: str, ridg
 
 
 @torch.no_grad()
-def _shrink_all(model, groups, keeps, stats, recovery: str, ridge: float) -> None:
+def shrink_all(model, groups, keeps, stats, recovery: str, ridge: float) -> None:
     for g in groups:
         keep = keeps[g.name]
         if len(keep) == g.units:
@@ -69,7 +69,7 @@ def apply_plan(model, groups, keeps, stats, batches, ctx, ref, p, curves) -> dic
     targets = (
         dense_targets(model, partial, batches, ctx.call) if p.recovery in SEQUENTIAL and partial else None
     )
-    _shrink_all(model, groups, keeps, stats, p.recovery, p.ridge)
+    shrink_all(model, groups, keeps, stats, p.recovery, p.ridge)
     rec: dict = {"output_error": ref.error(model=model)}  # model-output MSE on the calibration data
     if targets is not None:
         rec["output_error_before_lstsq"] = rec["output_error"]

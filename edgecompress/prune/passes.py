@@ -15,6 +15,7 @@ from edgecompress.models.graph import block_key
 from edgecompress.models.targeting import matches
 from edgecompress.pipeline import Context, register_pass
 from edgecompress.prune import plan as P
+from edgecompress.prune.aim import aim, ort_latency, shrunk_copy, timing_inputs
 from edgecompress.prune.apply import apply_plan, recover_by_training
 from edgecompress.prune.calibrate import Stats, collect
 from edgecompress.prune.curves import Curve, Reference, sample_options
@@ -73,10 +74,12 @@ class PruneStructured:
     recover_lr: float | None = None
     batch_size: int | None = None
     curve_points: int = 9
+    curve_folds: int = 1
     latency_points: int = 13
     latency_batch: int = 8
     latency_seq: int = 128
     latency_seconds: float = 2.0
+    latency_rounds: int = 3
     targets: tuple[str, ...] = ("re:.*",)
     ignore: tuple[str, ...] = ()
 
@@ -91,7 +94,7 @@ class PruneStructured:
                 raise ValueError(f"{name} must be {'a non-empty list of ' if name == 'granularity' else ''}"
                                  f"{' | '.join(valid)}, got {getattr(self, name)!r}")  # fmt: skip
         ints = [("round_to", 1), ("recover_steps", 0), ("curve_points", 2), ("latency_points", 2),
-                ("latency_batch", 1), ("latency_seq", 1)]  # fmt: skip
+                ("latency_batch", 1), ("latency_seq", 1), ("latency_rounds", 0), ("curve_folds", 1)]  # fmt: skip
         for name, low in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -145,7 +148,7 @@ class PruneStructured:
         groups = [g for g in groups if g.name in table.options]
         ref = Reference(model, groups, batches, ctx.call, pooled=ctx.kind == "encoder")
         curves = (
-            self.curves(model, groups, stats, orders, table, ref)
+            self.curves(model, groups, orders, table, self.folds(model, groups, stats, ref, batches, ctx))
             if self.allocation == "layer_adaptive"
             else None
         )
@@ -155,13 +158,17 @@ class PruneStructured:
         """Allocate, shrink and recover ``model`` (an unpruned model equal to the one ``prep`` measured)."""
         t0 = time.perf_counter()
         curves = prep.curves if self.allocation == "layer_adaptive" else None
-        widths = self.allocate(prep.table, curves)
+        widths, aimed = self.allocate(prep.table, curves), None
+        if self.measure == "latency" and self.latency_rounds:
+            widths, aimed = self.aim(model, ctx, prep, curves)
         keeps = _agree(
             {g.name: kept(prep.orders[g.name], widths[g.name]) for g in prep.groups}, prep.groups, ctx.device
         )
         info = apply_plan(
             model, prep.groups, keeps, prep.stats, prep.batches, ctx, prep.ref, self, prep.curves
         )
+        if aimed is not None:
+            info["latency_aim"] = aimed
         if self.recover_steps:
             ctx.info["training"] = recover_by_training(model, ctx, self)
         seconds = {"plan": round(prep.seconds, 2), "prune_and_recover": round(time.perf_counter() - t0, 2)}
@@ -190,9 +197,25 @@ class PruneStructured:
         return P.latency_costs(groups, options, stats, self.latency_batch, self.latency_seq, ctx.kind != "image",
                                threads, self.latency_seconds, self.latency_points)  # fmt: skip
 
+    def folds(self, model, groups, stats, ref: Reference, batches, ctx) -> list[tuple]:
+        """``(statistics the recovery is fit on, reference it is measured on, weight)`` per fold: the
+        whole calibration set once, or with ``curve_folds: K`` (and a recovery that fits), K-fold
+        cross-fitting over the batches (round-robin), weighted by the fold's samples."""
+        if self.curve_folds == 1 or self.recovery not in ("lstsq", "scale", "bias") or len(batches) < 2:
+            return [(stats, ref, 1.0)]
+        k = min(self.curve_folds, len(batches))
+        total = sum(len(b) for b in batches)
+        out = []
+        for i in range(k):
+            held, fit = batches[i::k], [b for j, b in enumerate(batches) if j % k != i]
+            out.append((collect(model, groups, fit, ctx.call), Reference(model, groups, held, ctx.call, ref.pooled),
+                        sum(len(b) for b in held) / total))  # fmt: skip
+        return out
+
     @torch.no_grad()
-    def curves(self, model, groups, stats, orders, table, ref: Reference) -> dict[str, Curve]:
-        """Each group's distortion at ``curve_points`` of its options, the rest of the model dense."""
+    def curves(self, model, groups, orders, table, folds) -> dict[str, Curve]:
+        """Each group's distortion at ``curve_points`` of its options, the rest of the model dense: the
+        recovery fit on each fold's statistics, measured on its reference (:meth:`folds`)."""
         out = {}
         for g in groups:
             layer = model.get_submodule(g.out)
@@ -200,24 +223,19 @@ class PruneStructured:
             for k in sample_options(table.options[g.name], self.curve_points):
                 if k < g.units:
                     cols = unit_columns(g, kept(orders[g.name], k))
-                    w, b = projection(
-                        layer.weight,
-                        layer.bias,
-                        stats[g.name].gram,
-                        cols,
-                        self.recovery,
-                        self.ridge,
-                        g.col_width,
-                    )
-                    with patched(layer, w, b):
-                        curve.measured[k] = ref.error(block_key(g.name))
+                    curve.measured[k] = 0.0
+                    for st, ref, weight in folds:
+                        w, b = projection(layer.weight, layer.bias, st[g.name].gram, cols, self.recovery, self.ridge, g.col_width)  # fmt: skip
+                        with patched(layer, w, b):
+                            curve.measured[k] += weight * ref.error(block_key(g.name))
             out[g.name] = curve
         return out
 
-    def allocate(self, table: P.Table, curves: dict[str, Curve] | None) -> dict[str, int]:
-        budget = self.budget[self.measure]
-        values = None if curves is None else {n: curves[n].values() for n in table.options}
-        widths = P.allocate_widths(table, budget, values)
+    def allocate(
+        self, table: P.Table, curves: dict[str, Curve] | None, budget: float | None = None
+    ) -> dict[str, int]:
+        budget = self.budget[self.measure] if budget is None else budget
+        widths = P.allocate_widths(table, budget, _values(table, curves))
         if widths is None:
             raise UserError(
                 f"prune_structured: budget {self.measure}={budget} would delete every head or channel of a "
@@ -225,6 +243,31 @@ class PruneStructured:
                 "lower the budget or add 'blocks' to granularity"
             )  # fmt: skip
         return widths
+
+    def aim(self, model, ctx, prep: Prepared, curves) -> tuple[dict[str, int], dict]:
+        """The ``latency`` budget checked on the whole model in ORT, corrected for a few rounds (:mod:`.aim`)."""
+        feeds = timing_inputs(
+            ctx.example_inputs[0], self.latency_batch, self.latency_seq, ctx.kind != "image"
+        )
+
+        def measure(budget: float) -> tuple[float, float]:
+            widths = self.allocate(prep.table, curves, budget)
+            keeps = {g.name: kept(prep.orders[g.name], widths[g.name]) for g in prep.groups}
+            small = shrunk_copy(model, prep.groups, keeps, prep.stats)
+            pruned_ms, dense_ms = ort_latency(
+                [small, model], ctx.call, feeds, torch.get_num_threads(), self.latency_seconds
+            )
+            return pruned_ms / dense_ms, dense_ms
+
+        highest = P.feasible_max(prep.table, _values(prep.table, curves))
+        budget, rounds = aim(
+            self.budget["latency"], prep.table.total(), highest, measure, self.latency_rounds
+        )
+        return self.allocate(prep.table, curves, budget), {"budget": budget, "rounds": rounds}
+
+
+def _values(table: P.Table, curves) -> dict[str, list[float]] | None:
+    return None if curves is None else {n: curves[n].values() for n in table.options}
 
 
 def _check_budget(budget) -> None:

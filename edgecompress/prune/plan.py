@@ -116,3 +116,15 @@ def max_removable(table: Table) -> float:
     """The largest budget any allocation can meet (every group at its smallest option)."""
     total = table.total()
     return 1.0 - sum(c[0] for c in table.costs.values()) / total if total > 0 else 0.0
+
+
+def feasible_max(table: Table, values: dict[str, list[float]] | None, iters: int = 30) -> float:
+    """The largest budget :func:`allocate_widths` meets (bisection; ``uniform`` may stop below
+    :func:`max_removable`)."""
+    lo, hi = 0.0, max_removable(table)
+    if allocate_widths(table, hi, values) is not None:
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if allocate_widths(table, mid, values) is not None else (lo, mid)
+    return lo

@@ -59,6 +59,12 @@ def summarise(ctx, model, groups, keeps, table, curves, info, p, seconds) -> Non
             f"least-squares recovery: calibration output MSE {rec['output_error_before_lstsq']:.4g} → "
             f"{rec['output_error']:.4g}"
         )
+    if aim := info.get("latency_aim"):
+        kept = next(r for r in aim["rounds"] if r["budget"] == aim["budget"])
+        ctx.notes.append(
+            f"latency measured on the whole model in ORT: {kept['ratio']:.3f} of dense (target {kept['target']:.3f}) "
+            f"with the allocation at budget {aim['budget']:.3f}, {len(aim['rounds'])} round(s)"
+        )
     ctx.info["prune"] = {
         "budget": dict(p.budget), "removed": removed, "cost_total": total, "cost_after": after,
         "params_after": _params(model), "groups": _group_rows(groups, keeps, table, curves),

@@ -161,7 +161,14 @@ def test_flops_budget_counts_multiply_adds(one_thread):
 
 def test_latency_budget_uses_a_measured_table(one_thread):
     loaded = tiny_timm("vit_tiny_patch16_224", mlp_ratio=2.0)
-    _, info, _ = _run(loaded, budget={"latency": 0.3}, latency_seconds=0.05, latency_points=4, curve_points=3)
+    _, info, _ = _run(
+        loaded,
+        budget={"latency": 0.3},
+        latency_seconds=0.05,
+        latency_points=4,
+        curve_points=3,
+        latency_rounds=0,
+    )
     assert info["cost_after"] <= 0.7 * info["cost_total"] + 1e-9
     for r in info["groups"]:
         assert r["latency_measured_widths"][-1] == r["units"] and len(r["latency_measured_widths"]) <= 4
@@ -189,6 +196,24 @@ def test_blocks_remove_whole_branches_exactly(one_thread, tmp_path):
         assert torch.equal(back(batches[0]), model(batches[0]))
 
 
+def test_cross_fitted_curves_equal_in_sample_ones_on_identical_folds(one_thread):
+    """The oracle of ``curve_folds``: when every fold holds the same batch, fitting on one and measuring
+    on the other is the in-sample measurement (float32 forward, 1e-6); on different batches it is not."""
+    loaded = tiny_timm("vit_tiny_patch16_224", depth=2, mlp_ratio=2.0)
+    b = as_batch(loaded, synthetic(loaded, 7, seed=3))
+    other = as_batch(loaded, synthetic(loaded, 7, seed=4))
+
+    def curves(batches, folds):
+        ctx = make_context(batches, loaded.call, torch.device("cpu"), kind=loaded.kind)
+        p = PruneStructured(curve_folds=folds, curve_points=3, round_to=4)
+        prep = p.prepare(loaded.model, ctx)
+        return [v for c in prep.curves.values() for v in c.values()]
+
+    same = curves([b, b], 1)
+    assert curves([b, b], 2) == pytest.approx(same, rel=1e-6, abs=1e-12) and max(same) > 0
+    assert curves([b, other], 2) != pytest.approx(curves([b, other], 1), rel=1e-3)
+
+
 BAD = {
     "budget above 1": ("passes: [{pass: prune_structured, budget: {params: 1.2}}]",
                        "passes[0]: budget params must be a fraction in (0, 1) to remove, got 1.2"),
@@ -202,6 +227,9 @@ BAD = {
                            "passes[1] 'prune_structured' cannot follow passes[0] 'uniform_ptq'"),
     "after n:m": ("passes: [{pass: nm_oneshot}, {pass: prune_structured}]",
                   "passes[1] 'prune_structured' cannot follow passes[0] 'nm_oneshot'"),
+    "curve_folds 0": ("passes: [{pass: prune_structured, curve_folds: 0}]", "curve_folds must be an integer >= 1"),
+    "latency_rounds -1": ("passes: [{pass: prune_structured, latency_rounds: -1}]",
+                          "latency_rounds must be an integer >= 0"),
     "every head of a layer": ("calibration: {samples: 8}\neval: {samples: 8}\n"
                               "passes: [{pass: prune_structured, granularity: [heads], budget: {params: 0.9}}]",
                               "budget params=0.9 would delete every head or channel of a layer"),
