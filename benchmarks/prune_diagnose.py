@@ -3,7 +3,7 @@
     python benchmarks/prune_diagnose.py [--calib 64] [--budgets 0.5] [--ridges 1 0.1 0.01]
                                         [--recoveries lstsq scale] [--importances activation]
                                         [--allocations uniform] [--granularity heads mlp]
-                                        [--curve-folds 1 2] [--no-baseline] [--out F]
+                                        [--curve-folds 1 2] [--steps 1] [--no-baseline] [--out F]
 
 Per (importance, allocation, recovery, ridge, budget), after a no-recovery baseline: the embedding
 cosine / NN agreement on the test texts, the mean cosine on the calibration texts and on the other
@@ -31,6 +31,19 @@ from benchmarks.prune import _metrics, heldout, setup  # noqa: E402
 from edgecompress.prune import PruneStructured  # noqa: E402
 
 
+def _steps(s, p: PruneStructured, prep, budget: float, steps: int):
+    """Prune to ``budget`` in ``steps`` equal steps of the original prunable parameters; from the second
+    step on, statistics, curves and the recovery's target are re-measured on the current (pruned and
+    recovered) model, as RD-prune re-measures against the current model in its iterations."""
+    model = copy.deepcopy(s.loaded.model)
+    for i in range(steps):
+        step = (budget / steps) / (1 - budget * i / steps)
+        pb = dataclasses.replace(p, budget={"params": step})
+        ctx = dataclasses.replace(s.ctx, notes=[], info={})
+        model = pb.execute(model, ctx, prep if i == 0 else pb.prepare(model, ctx))
+    return model, ctx
+
+
 def run(args) -> list[dict]:
     s = setup("minilm", args.calib, 0)
     rows = []
@@ -48,13 +61,11 @@ def run(args) -> list[dict]:
                 )
                 prep = p.prepare(s.loaded.model, s.ctx)
                 for b in args.budgets:
-                    pb = dataclasses.replace(p, budget={"params": b})
-                    ctx = dataclasses.replace(s.ctx, notes=[], info={})
-                    model = pb.execute(copy.deepcopy(s.loaded.model), ctx, prep)
+                    model, ctx = _steps(s, p, prep, b, args.steps)
                     rec_info = ctx.info["prune"]["recovery"]
                     layers = {n: (round(v["before"] / v["target"], 4), round(v["after"] / v["target"], 4))
                               for n, v in rec_info.get("layers", {}).items()}  # fmt: skip
-                    row = {"importance": imp, "allocation": alloc, "recovery": rec, "ridge": ridge, "curve_folds": folds, "budget": b, "granularity": args.granularity,
+                    row = {"importance": imp, "allocation": alloc, "recovery": rec, "ridge": ridge, "curve_folds": folds, "steps": args.steps, "budget": b, "granularity": args.granularity,
                            **_metrics(s, model), **heldout(s, model), "calib_error": rec_info["output_error"],
                            "calib_error_before": rec_info.get("output_error_before_lstsq"), "layers": layers}  # fmt: skip
                     rows.append(row)
@@ -74,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--allocations", nargs="+", default=["uniform"])
     ap.add_argument("--granularity", nargs="+", default=["heads", "mlp"])
     ap.add_argument("--curve-folds", type=int, nargs="+", default=[1], help="the pass's curve_folds")
+    ap.add_argument("--steps", type=int, default=1, help="prune in this many steps (re-measured each)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the no-recovery baseline")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

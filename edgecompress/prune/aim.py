@@ -9,21 +9,24 @@ of a latency constraint, the pass checks the real model:
   groups (both at the table's shape: ``latency_batch`` samples of ``latency_seq`` tokens, images as
   calibrated), ``latency: f`` asks for the pruned / dense ratio ``t = 1 − f · min(1, S / L)``: the
   fraction ``f`` of the groups' share of the model's time is removed; the rest of the model stays.
+  ``L`` is the median of the rounds' dense timings so far (one noisy timing moves the target less).
 * **Rounds.** The allocation (DP or uniform) is solved at an effective budget ``f₀ = f``; a copy of
-  the model is shrunk to it (no recovery: it does not change shapes), exported (TorchScript ONNX)
-  and timed against the dense graph alternately in one run (:func:`edgecompress.bench.timing.
-  time_alternating`, ``latency_seconds``), giving the measured ratio ``m``. If ``|m / t − 1| ≤``
-  :data:`TOLERANCE` the round is kept; otherwise the next budget assumes the measured saving is
-  proportional to the tabled one (first correction: ``f₁ = f₀ (1 − t) / (1 − m₀)``) and then follows
-  the secant through the last two rounds (exact when the saving is affine in the budget), clipped to
-  what any allocation can remove. After ``latency_rounds`` rounds the round closest to ``t`` is kept.
-  ``latency_rounds: 0`` uses the table alone. Every round is listed in the report.
+  the model is shrunk to it (no recovery: it does not change shapes), exported as ``export_onnx``
+  exports (export forms; dynamo, else TorchScript) and timed against the dense graph alternately in
+  one run (:func:`edgecompress.bench.timing.time_alternating`, ``latency_seconds``), giving the
+  measured ratio ``m``. If ``|m / t − 1| ≤`` :data:`TOLERANCE` the round is kept; otherwise the next
+  budget assumes the measured saving is proportional to the tabled one (first correction:
+  ``f₁ = f₀ (1 − t) / (1 − m₀)``) and then follows the secant through the last two rounds (exact when
+  the saving is affine in the budget), clipped to what the allocation can remove. After
+  ``latency_rounds`` rounds the round closest to ``t`` is kept. ``latency_rounds: 0`` uses the table
+  alone. Every round is in the report. The correction is only as good as the timings: on a loaded
+  machine a round's ratio can be off by more than the 10 % aimed at (``latency_seconds`` buys
+  steadier ones).
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,24 +75,32 @@ def aim(
     highest: float,
     measure: Callable[[float], tuple[float, float]],
     rounds: int,
-) -> tuple[float, list[dict]]:
+) -> tuple[float, dict]:
     """Run the rounds: ``measure(f)`` allocates at effective budget ``f`` and returns the measured
-    ``(pruned / dense ratio, dense ms)``. Returns the kept round's budget and a record of every round."""
+    ``(pruned / dense ratio, dense ms)``. Returns the kept round's budget and the record: the target,
+    every round."""
     done: list[Round] = []
-    f, target = min(budget, highest), None
+    f = min(budget, highest)
     for _ in range(rounds):
         ratio, dense_ms = measure(f)
         done.append(Round(f, ratio, dense_ms))
-        target = target_ratio(budget, table_total, dense_ms)
+        target = _target(budget, table_total, done)
         if done[-1].error(target) <= TOLERANCE:
             break
         f = next_budget(done, target, highest)
         if any(abs(r.budget - f) < 1e-9 for r in done):
             break  # clipped back to a budget already measured
-    best = min(done, key=lambda r: r.error(target_ratio(budget, table_total, r.dense_ms)))
-    record = [{"budget": r.budget, "ratio": round(r.ratio, 4), "dense_ms": round(r.dense_ms, 4),
-               "target": round(target_ratio(budget, table_total, r.dense_ms), 4)} for r in done]  # fmt: skip
-    return best.budget, record
+    target = _target(budget, table_total, done)
+    best = min(done, key=lambda r: r.error(target))
+    record = [
+        {"budget": r.budget, "ratio": round(r.ratio, 4), "dense_ms": round(r.dense_ms, 4)} for r in done
+    ]
+    return best.budget, {"budget": best.budget, "target": round(target, 4), "rounds": record}
+
+
+def _target(budget: float, table_total: float, done: list[Round]) -> float:
+    """The target with the median dense latency of the rounds so far (one noisy timing moves it less)."""
+    return target_ratio(budget, table_total, float(np.median([r.dense_ms for r in done])))
 
 
 # ---- the measurement: the whole model in ONNX Runtime -------------------------------------------------
@@ -124,30 +135,46 @@ class _Graph(nn.Module):
         return self.call(self.model, inputs)
 
 
-def ort_latency(
-    models: list[nn.Module], call, feeds: dict, threads: int | None, seconds: float
-) -> list[float]:
-    """Median ORT latency (ms) of each model, exported and timed round-robin in one run."""
-    from edgecompress.bench.timing import time_alternating
-    from edgecompress.export.onnx import DEFAULT_OPSET, _export_torchscript
-    from edgecompress.export.runtime import ort_session
+def _export(model: nn.Module, call, feeds: dict, path: Path) -> None:
+    """As :func:`edgecompress.export.onnx.export_onnx` exports (export forms; dynamo, else TorchScript)."""
+    from edgecompress.export.forms import to_export_form
+    from edgecompress.export.onnx import DEFAULT_OPSET, _export_dynamo, _export_torchscript
 
     names = list(feeds)
-    args = tuple(feeds[n] for n in names)
-    np_feeds = {n: t.numpy() for n, t in feeds.items()}
-    with tempfile.TemporaryDirectory(prefix="ec-aim-") as tmp, torch.no_grad():
-        sessions = []
-        for i, m in enumerate(models):
-            path = Path(tmp) / f"m{i}.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the exporter's tracer notes
-                _export_torchscript(
-                    _Graph(m.eval(), call, names), args, path, names, "y", DEFAULT_OPSET, None
-                )
-            sessions.append(ort_session(path, threads, spinning=False))
-        fns = [lambda s=s: s.run(None, np_feeds) for s in sessions]
-        stats = time_alternating(fns, min_seconds=seconds, min_iters=5, warmup_s=min(0.5, seconds / 4))
-    return [float(st["median_ms"]) for st in stats]
+    module, args = _Graph(to_export_form(model)[0], call, names), tuple(feeds.values())
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporters' tracer notes
+        try:
+            _export_dynamo(module, args, path, names, "y", DEFAULT_OPSET, tuple(None for _ in names))
+        except Exception:  # the exporters raise many types; export_onnx falls back the same way
+            _export_torchscript(module, args, path, names, "y", DEFAULT_OPSET, None)
+
+
+class WholeModel:
+    """The dense model exported once; :meth:`ratio` exports a pruned copy and times the two graphs
+    alternately in one run (:func:`edgecompress.bench.timing.time_alternating`)."""
+
+    def __init__(
+        self, dense: nn.Module, call, feeds: dict, threads: int | None, seconds: float, folder: Path
+    ):
+        from edgecompress.export.runtime import ort_session
+
+        self.call, self.feeds, self.threads, self.seconds, self.folder = call, feeds, threads, seconds, folder
+        self.np_feeds = {n: t.numpy() for n, t in feeds.items()}
+        _export(dense, call, feeds, folder / "dense.onnx")
+        self.dense = ort_session(folder / "dense.onnx", threads, spinning=False)
+
+    def ratio(self, pruned: nn.Module) -> tuple[float, float]:
+        """``(pruned / dense median latency, dense median ms)``."""
+        from edgecompress.bench.timing import time_alternating
+        from edgecompress.export.runtime import ort_session
+
+        path = self.folder / f"pruned{len(list(self.folder.glob('pruned*.onnx')))}.onnx"
+        _export(pruned, self.call, self.feeds, path)
+        small = ort_session(path, self.threads, spinning=False)
+        fns = [lambda s=s: s.run(None, self.np_feeds) for s in (small, self.dense)]
+        st = time_alternating(fns, min_seconds=self.seconds, min_iters=5, warmup_s=min(0.5, self.seconds / 4))
+        return st[0]["median_ms"] / st[1]["median_ms"], float(st[1]["median_ms"])
 
 
 def shrunk_copy(model: nn.Module, groups, keeps, stats) -> nn.Module:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -15,7 +17,7 @@ from edgecompress.models.graph import block_key
 from edgecompress.models.targeting import matches
 from edgecompress.pipeline import Context, register_pass
 from edgecompress.prune import plan as P
-from edgecompress.prune.aim import aim, ort_latency, shrunk_copy, timing_inputs
+from edgecompress.prune.aim import WholeModel, aim, shrunk_copy, timing_inputs
 from edgecompress.prune.apply import apply_plan, recover_by_training
 from edgecompress.prune.calibrate import Stats, collect
 from edgecompress.prune.curves import Curve, Reference, sample_options
@@ -249,21 +251,21 @@ class PruneStructured:
         feeds = timing_inputs(
             ctx.example_inputs[0], self.latency_batch, self.latency_seq, ctx.kind != "image"
         )
-
-        def measure(budget: float) -> tuple[float, float]:
-            widths = self.allocate(prep.table, curves, budget)
-            keeps = {g.name: kept(prep.orders[g.name], widths[g.name]) for g in prep.groups}
-            small = shrunk_copy(model, prep.groups, keeps, prep.stats)
-            pruned_ms, dense_ms = ort_latency(
-                [small, model], ctx.call, feeds, torch.get_num_threads(), self.latency_seconds
+        with tempfile.TemporaryDirectory(prefix="ec-aim-") as tmp:
+            whole = WholeModel(
+                model, ctx.call, feeds, torch.get_num_threads(), self.latency_seconds, Path(tmp)
             )
-            return pruned_ms / dense_ms, dense_ms
 
-        highest = P.feasible_max(prep.table, _values(prep.table, curves))
-        budget, rounds = aim(
-            self.budget["latency"], prep.table.total(), highest, measure, self.latency_rounds
-        )
-        return self.allocate(prep.table, curves, budget), {"budget": budget, "rounds": rounds}
+            def measure(budget: float) -> tuple[float, float]:
+                widths = self.allocate(prep.table, curves, budget)
+                keeps = {g.name: kept(prep.orders[g.name], widths[g.name]) for g in prep.groups}
+                return whole.ratio(shrunk_copy(model, prep.groups, keeps, prep.stats))
+
+            highest = P.feasible_max(prep.table, _values(prep.table, curves))
+            budget, record = aim(
+                self.budget["latency"], prep.table.total(), highest, measure, self.latency_rounds
+            )
+        return self.allocate(prep.table, curves, budget), record
 
 
 def _values(table: P.Table, curves) -> dict[str, list[float]] | None:

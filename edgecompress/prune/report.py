@@ -62,7 +62,7 @@ def summarise(ctx, model, groups, keeps, table, curves, info, p, seconds) -> Non
     if aim := info.get("latency_aim"):
         kept = next(r for r in aim["rounds"] if r["budget"] == aim["budget"])
         ctx.notes.append(
-            f"latency measured on the whole model in ORT: {kept['ratio']:.3f} of dense (target {kept['target']:.3f}) "
+            f"latency measured on the whole model in ORT: {kept['ratio']:.3f} of dense (target {aim['target']:.3f}) "
             f"with the allocation at budget {aim['budget']:.3f}, {len(aim['rounds'])} round(s)"
         )
     ctx.info["prune"] = {
