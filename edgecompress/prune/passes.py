@@ -81,7 +81,7 @@ class PruneStructured:
     latency_batch: int = 8
     latency_seq: int = 128
     latency_seconds: float = 2.0
-    latency_rounds: int = 3
+    latency_rounds: int = 4
     targets: tuple[str, ...] = ("re:.*",)
     ignore: tuple[str, ...] = ()
 

@@ -45,6 +45,14 @@ def test_first_correction_is_proportional_then_secant():
     assert f2 == pytest.approx(0.75 + (0.55 - 0.6) / ((0.6 - 0.7) / 0.25), abs=1e-12)  # 0.875
 
 
+def test_a_bracket_is_narrowed_by_regula_falsi_or_bisection():
+    deit = [Round(0.5, 0.347, 31.8), Round(0.341, 0.747, 32.0), Round(0.417, 0.465, 31.3)]  # measured
+    want = 0.341 + (0.747 - 0.555) * (0.417 - 0.341) / (0.747 - 0.465)
+    assert next_budget(deit, 0.555, 0.9) == pytest.approx(want, abs=1e-12)
+    crossed = [Round(0.3, 0.5, 7.0), Round(0.5, 0.7, 7.0)]  # noise: the larger budget ran slower
+    assert next_budget(crossed, 0.6, 0.9) == pytest.approx(0.4, abs=1e-12)
+
+
 @pytest.mark.parametrize("c,a", [(1.08, 0.55), (1.0, 0.6), (0.97, 1.1), (1.2, 1.0)])
 def test_affine_latency_law_hits_target(c, a):
     measure, calls = _law(c, a)
