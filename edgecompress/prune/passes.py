@@ -252,19 +252,17 @@ class PruneStructured:
             ctx.example_inputs[0], self.latency_batch, self.latency_seq, ctx.kind != "image"
         )
         with tempfile.TemporaryDirectory(prefix="ec-aim-") as tmp:
-            whole = WholeModel(
-                model, ctx.call, feeds, torch.get_num_threads(), self.latency_seconds, Path(tmp)
-            )
+            empty = shrunk_copy(model, prep.groups, {g.name: [] for g in prep.groups}, prep.stats)
+            args = (ctx.call, feeds, torch.get_num_threads(), self.latency_seconds, Path(tmp))
+            whole = WholeModel(model, empty, *args)
 
-            def measure(budget: float) -> tuple[float, float]:
+            def measure(budget: float) -> tuple[float, float, float]:
                 widths = self.allocate(prep.table, curves, budget)
                 keeps = {g.name: kept(prep.orders[g.name], widths[g.name]) for g in prep.groups}
-                return whole.ratio(shrunk_copy(model, prep.groups, keeps, prep.stats))
+                return whole.measure(shrunk_copy(model, prep.groups, keeps, prep.stats))
 
             highest = P.feasible_max(prep.table, _values(prep.table, curves))
-            budget, record = aim(
-                self.budget["latency"], prep.table.total(), highest, measure, self.latency_rounds
-            )
+            budget, record = aim(self.budget["latency"], highest, measure, self.latency_rounds)
         return self.allocate(prep.table, curves, budget), record
 
 
