@@ -31,10 +31,11 @@ The bracket matters where the latency moves in steps (uniform allocation drops w
 measured 0.347 / 0.747 / 0.465 at budgets 0.5 / 0.341 / 0.417 against 0.555, and the secant of
 the last two rounds would have left the bracket.
 
-Measured (benchmarks/prune_speed.py, ``latency: 0.5``): vit-digits' first round reproduced the
-table's miss (0.587 measured vs 0.515 target, with the table's share); the kept third round measured
-0.492, and the benchmark's own alternated run of it 0.497 against its target 0.533 (0.93; load 6,
-timing CoV up to 88 %).
+Measured (benchmarks/prune_speed.py, ``latency: 0.5``, load 6.6–8.1; the benchmark recomputes the
+target in its own alternated run): vit-digits 1.008 of target (the table alone: 1.168), DeiT-S
+0.974 after 4 rounds; MiniLM hit in the pass (0.569 vs 0.561) but missed in the benchmark (0.854),
+whose run measured the branch-free graph 2.4× slower than the pass had (share 0.70 vs 0.88) —
+unexplained (README, "Structured pruning").
 """
 
 from __future__ import annotations
