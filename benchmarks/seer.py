@@ -4,7 +4,8 @@
 
 Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs beside it):
 
-* ``speed`` — the core's CPU form (the batched kept-block matmuls,
+* ``speed`` — the core's CPU form (float32: the C++ kernel, :mod:`edgecompress.sparsity.seer.cpp`,
+  built before timing; other dtypes: the batched kept-block matmuls,
   :mod:`edgecompress.sparsity.seer.tiled`) against PyTorch SDPA (dense, its fused CPU kernel) in the
   same dtype (``--dtype``, float32 by default) at 4k/8k/16k tokens (``--lengths``), 8 heads, head dim
   64, batch 1, densities 1.0/0.5/0.3/0.1 (per-row top-k of random scores, diagonal and first block
@@ -13,8 +14,8 @@ Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs 
   each side's FLOP rate (kept blocks' FLOPs for the sparse side). At density 1.0 the core runs SDPA
   itself (every block kept), so that row is SDPA vs SDPA. Runs with other lengths or dtypes replace
   only their own rows of the part (``speed``, ``speed-bfloat16``).
-* ``forms`` — at 4k and 16k tokens (``--forms-lengths``), density 0.3, causal and not: the tiled
-  form, the gathered form and FlexAttention compiled for the CPU
+* ``forms`` — at 4k and 16k tokens (``--forms-lengths``), density 0.3, causal and not: the C++
+  kernel, the tiled form, the gathered form and FlexAttention compiled for the CPU
   (:mod:`edgecompress.sparsity.seer.flex`), each over SDPA, alternated in one process (which form
   the core uses).
 * ``minilm`` — demo:minilm at 512 tokens (built-in texts concatenated): gates trained by the pass
@@ -47,6 +48,7 @@ ROOT = HERE.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 from edgecompress.sparsity.seer import execute as X  # noqa: E402
+from edgecompress.sparsity.seer.cpp import attend as cpp_attend  # noqa: E402
 from edgecompress.sparsity.seer.flex import flex  # noqa: E402
 from edgecompress.sparsity.seer.gate import allowed_blocks  # noqa: E402
 from edgecompress.sparsity.seer.masks import forced_blocks, select_blocks  # noqa: E402
@@ -154,7 +156,8 @@ def time_config(q, k, v, keep, allowed, causal: bool, block: int, reps: int) -> 
     def sparse():  # what the core's form "auto" runs on CPU without a model bias
         if full:  # every allowed block kept: SDPA
             return X.dense(q, k, v, None, causal, d**-0.5)
-        return tiled(q, k, v, keep, causal, d**-0.5, block)
+        out = cpp_attend(q, k, v, keep, causal, d**-0.5, block)
+        return tiled(q, k, v, keep, causal, d**-0.5, block) if out is None else out
 
     return alternate({"dense": lambda: X.dense(q, k, v, None, causal, d**-0.5), "sparse": sparse}, reps)
 
@@ -204,6 +207,7 @@ def forms(args) -> list[dict]:
             first = time.perf_counter() - t0
             fns = {
                 "sdpa_dense": partial(X.dense, q, k, v, None, causal, d**-0.5),
+                "cpp": partial(cpp_attend, q, k, v, keep, causal, d**-0.5, block),
                 "tiled": partial(tiled, q, k, v, keep, causal, d**-0.5, block),
                 "gathered": partial(X.gathered, q, k, v, keep, None, causal, d**-0.5, block),
                 "flex": partial(flex, q, k, v, keep, causal, d**-0.5, block),

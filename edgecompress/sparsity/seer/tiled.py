@@ -71,7 +71,7 @@ def _pieces(widths: list[int], uniform: list[bool], pairs_per_row: int, per_slot
     return out
 
 
-def _key_bias(n: int, nb: int, block: int, valid, b: int, dtype, device):
+def key_bias(n: int, nb: int, block: int, valid, b: int, dtype, device):
     """``[B·nb, block]`` additive 0 / -inf per key (padding keys and the tail past ``N``); None if none."""
     span = nb * block
     if valid is None and span == n:
@@ -102,7 +102,7 @@ def tiled(q, k, v, keep, causal: bool, scale: float, block: int, valid=None, bud
     lin = (base.expand(nb, bh).reshape(-1, 1) + index.clamp(min=0)).contiguous()  # [pairs, nb]
     q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
     kb, vb = (t.reshape(b * hkv * nb, block * d) for t in (k, v))
-    key_bias = _key_bias(n, nb, block, valid, b, q.dtype, q.device)
+    kbias = key_bias(n, nb, block, valid, b, q.dtype, q.device)
     tri = None
     if causal:
         tri = torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
@@ -131,7 +131,7 @@ def tiled(q, k, v, keep, causal: bool, scale: float, block: int, valid=None, bud
         kg = torch.index_select(kb, 0, ids, out=kbuf[: p * w]).view(p, w * block, d)
         vg = torch.index_select(vb, 0, ids, out=vbuf[: p * w]).view(p, w * block, d)
         s = torch.bmm(qc, kg.transpose(1, 2), out=sbuf[: p * block * w * block].view(p, block, w * block))
-        masked = _mask_piece(s, index, counts, key_bias, bias_row, bh, p0, p1, w, ragged, block)
+        masked = _mask_piece(s, index, counts, kbias, bias_row, bh, p0, p1, w, ragged, block)
         if tri is not None:  # the diagonal block, in slot 0 where kept
             first = s.view(p, block, w, block)[:, :, 0]
             first += tri if diag_all else torch.where(diagonal[p0:p1, None, None], tri, 0.0)
