@@ -4,9 +4,9 @@ PyTorch's own small-matrix kernel (oneDNN ``brgemm``, ``at::native::cpublas``), 
 Why C++: the batched PyTorch form (:mod:`.tiled`) runs its matmuls at full rate but must gather the
 kept K/V blocks and write the scores to memory between operators; measured on the 2-core Xeon
 (``benchmarks/seer.py --parts forms``) that left it at ~55-60 % of dense SDPA's FLOP rate. Here
-(``seer_cpu.cpp``) each (batch, head, query block) computes its scores block by block straight from
-K (no gather), keeps them in the thread's cache for the softmax, and accumulates ``P_j V_j`` into
-the output — the same structure as PyTorch's fused CPU attention kernel, restricted to the kept
+(``seer_cpu.cpp``) each (batch, head, query block) reads its kept blocks from the block mask,
+computes its scores block by block straight from K (no gather; K transposed once per call), keeps
+them in the thread's cache for the softmax, and accumulates ``P_j V_j`` into the output — the same structure as PyTorch's fused CPU attention kernel, restricted to the kept
 blocks. Threads take pairs in turn (pair ``p`` to thread ``p mod T``), which balances decoder rows.
 
 Building: :func:`torch.utils.cpp_extension.load` compiles ``seer_cpu.cpp`` against the installed
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecompress.sparsity.seer.gate import num_blocks
-from edgecompress.sparsity.seer.tiled import kept_index, key_bias
+from edgecompress.sparsity.seer.tiled import key_bias
 
 SOURCE = Path(__file__).with_name("seer_cpu.cpp")
 _STATE: dict = {}  # "op": the loaded operator, or "failed": why building or running it failed
@@ -50,7 +50,9 @@ def _op():
 
 def _fail(e: Exception) -> None:
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    why = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else "")  # a compiler's own line
+    why = next(
+        (x for x in lines if "error" in x.lower()), lines[-1] if lines else ""
+    )  # a compiler's own line
     _STATE["failed"] = f"{type(e).__name__}: {why[:200]}"
     warnings.warn(
         f"SeerAttention: the C++ CPU kernel is unavailable ({_STATE['failed']}); running the tiled form",
@@ -67,25 +69,15 @@ def attend(q, k, v, keep, causal: bool, scale: float, block: int, valid=None) ->
     b, h, n, d = q.shape
     hkv, nb = k.shape[1], num_blocks(n, block)
     pad = nb * block - n
-    index, counts, diagonal = kept_index(keep, causal)
-    w = max(int(counts.max()), 1)
-    head = torch.arange(h) // (h // hkv)
-    first = ((torch.arange(b)[:, None] * hkv + head) * nb)[:, :, None, None]  # the K/V head's block 0
-    lin = (first + index[..., :w].clamp(min=0)).reshape(-1, w).contiguous()
     q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
     kt = k.reshape(b * hkv * nb, block, d).transpose(1, 2).contiguous()  # [blocks, D, bs]
-    bias = key_bias(n, nb, block, valid, b, q.dtype, q.device)  # [B·nb, bs] or None
-    bias = (
-        q.new_empty(0)
-        if bias is None
-        else bias.view(b, 1, nb, block).expand(b, hkv, nb, block).reshape(-1, block)
-    )
+    bias = key_bias(n, nb, block, valid, b, q.dtype, q.device)  # [B·nb, bs] 0 / -inf, or None
     out = q.new_empty(b * h * nb, block, d)
     try:
         _STATE["op"](
-            (q * scale).reshape(b * h * nb, block, d).contiguous(), kt, v.reshape(b * hkv * nb, block, d).contiguous(),
-            lin, counts.reshape(-1).contiguous(), diagonal.reshape(-1).contiguous() if causal else torch.empty(0, dtype=torch.bool),
-            bias.contiguous(), out,
+            q.reshape(b * h * nb, block, d).contiguous(), kt, v.reshape(b * hkv * nb, block, d).contiguous(),
+            keep.reshape(b * h * nb, nb).contiguous(), q.new_empty(0) if bias is None else bias, h, hkv, causal,
+            scale, out,
         )  # fmt: skip
     except RuntimeError as e:  # e.g. no oneDNN brgemm in this build of torch: once, then the tiled form
         _STATE.pop("op")
