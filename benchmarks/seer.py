@@ -13,7 +13,8 @@ Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs 
   sparse calls in one process (``--reps`` each after a warm-up) and reports the ratio of medians and
   each side's FLOP rate (kept blocks' FLOPs for the sparse side). At density 1.0 the core runs SDPA
   itself (every block kept), so that row is SDPA vs SDPA. Runs with other lengths or dtypes replace
-  only their own rows of the part (``speed``, ``speed-bfloat16``).
+  only their own rows of the part (``speed``, ``speed-bfloat16``, ``speed-threads1``: dtype and
+  ``--threads`` other than 2 name the part).
 * ``forms`` — at 4k and 16k tokens (``--forms-lengths``), density 0.3, causal and not: the C++
   kernel, the tiled form, the gathered form and FlexAttention compiled for the CPU
   (:mod:`edgecompress.sparsity.seer.flex`), each over SDPA, alternated in one process (which form
@@ -254,7 +255,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}, load {os.getloadavg()}", flush=True)
     if "speed" in args.parts:
-        part = "speed" if args.dtype == "float32" else f"speed-{args.dtype}"
+        part = "speed" + ("" if args.dtype == "float32" else f"-{args.dtype}")
+        part += "" if args.threads == 2 else f"-threads{args.threads}"
         method = {"method": f"alternating, median of {args.reps} after a warm-up"}
         path = save_part(
             args.out, part, speed(args), method, key=lambda r: (r["tokens"], r["causal"], r["density"])
