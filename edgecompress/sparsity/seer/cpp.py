@@ -39,9 +39,10 @@ def _op():
 
             cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
             vec = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}", "-march=native"]
-            flags = ["-O3", *(vec if cap in ("AVX2", "AVX512") else [])]
+            omp = ["-fopenmp"] if torch._C.has_openmp else []  # at::parallel_for's threads are OpenMP's pragma
+            flags = ["-O3", *omp, *(vec if cap in ("AVX2", "AVX512") else [])]
             load(name=f"edgecompress_seer_cpu_{cap.lower()}", sources=[str(SOURCE)], extra_cflags=flags,
-                 is_python_module=False, verbose=False)  # fmt: skip
+                 extra_ldflags=omp, is_python_module=False, verbose=False)  # fmt: skip
             _STATE["op"] = torch.ops.edgecompress_seer.attend
         except Exception as e:  # noqa: BLE001 — a compiler's or loader's failure has no common type
             _fail(e)
