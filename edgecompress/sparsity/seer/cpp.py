@@ -39,7 +39,7 @@ def _op():
 
             cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
             vec = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}", "-march=native"]
-            omp = ["-fopenmp"] if torch._C.has_openmp else []  # at::parallel_for's threads are OpenMP's pragma
+            omp = ["-fopenmp"] if torch._C.has_openmp else []  # at::parallel_for is an OpenMP pragma
             flags = ["-O3", *omp, *(vec if cap in ("AVX2", "AVX512") else [])]
             load(name=f"edgecompress_seer_cpu_{cap.lower()}", sources=[str(SOURCE)], extra_cflags=flags,
                  extra_ldflags=omp, is_python_module=False, verbose=False)  # fmt: skip
