@@ -4,15 +4,21 @@
 
 Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs beside it):
 
-* ``speed`` — the core's CPU form (FlexAttention compiled by Inductor,
-  :mod:`edgecompress.sparsity.seer.flex`; compiled by the warm-up call) against PyTorch SDPA (dense,
-  its fused CPU kernel) at 4k/8k/16k tokens, 8 heads, head dim 64, batch 1, float32, densities 1.0/0.5/0.3/0.1 (per-row top-k of random scores, diagonal and first block
+* ``speed`` — the core's CPU form (float32: the C++ kernel, :mod:`edgecompress.sparsity.seer.cpp`,
+  built before timing; other dtypes: the batched kept-block matmuls,
+  :mod:`edgecompress.sparsity.seer.tiled`) against PyTorch SDPA (dense, its fused CPU kernel) in the
+  same dtype (``--dtype``, float32 by default) at 4k/8k/16k tokens (``--lengths``), 8 heads, head dim
+  64, batch 1, densities 1.0/0.5/0.3/0.1 (per-row top-k of random scores, diagonal and first block
   forced, decoders' last 2 rows dense), causal and not. Each configuration alternates dense and
-  sparse calls in one process (``--reps`` each after a warm-up) and reports the ratio of medians.
-  At density 1.0 the core runs SDPA itself (every block kept), so that row is SDPA vs SDPA.
-* ``forms`` — at 4k and 16k tokens (``--forms-lengths``), density 0.3, causal and not: the gathered
-  form and FlexAttention compiled for the CPU (:mod:`edgecompress.sparsity.seer.flex`), each over
-  SDPA, alternated in one process (which form the core uses).
+  sparse calls in one process (``--reps`` each after a warm-up) and reports the ratio of medians and
+  each side's FLOP rate (kept blocks' FLOPs for the sparse side). At density 1.0 the core runs SDPA
+  itself (every block kept), so that row is SDPA vs SDPA. Runs with other lengths or dtypes replace
+  only their own rows of the part (``speed``, ``speed-bfloat16``, ``speed-threads1``: dtype and
+  ``--threads`` other than 2 name the part).
+* ``forms`` — at 4k and 16k tokens (``--forms-lengths``), density 0.3, causal and not: the C++
+  kernel, the tiled form, the gathered form and FlexAttention compiled for the CPU
+  (:mod:`edgecompress.sparsity.seer.flex`), each over SDPA, alternated in one process (which form
+  the core uses).
 * ``minilm`` — demo:minilm at 512 tokens (built-in texts concatenated): gates trained by the pass
   on the train texts (held-out KL before/after), then mean embedding cosine and nearest-neighbour
   agreement to the dense model on the test texts at densities 0.5/0.3/0.1 for the trained gates
@@ -43,9 +49,11 @@ ROOT = HERE.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 from edgecompress.sparsity.seer import execute as X  # noqa: E402
+from edgecompress.sparsity.seer.cpp import attend as cpp_attend  # noqa: E402
 from edgecompress.sparsity.seer.flex import flex  # noqa: E402
 from edgecompress.sparsity.seer.gate import allowed_blocks  # noqa: E402
 from edgecompress.sparsity.seer.masks import forced_blocks, select_blocks  # noqa: E402
+from edgecompress.sparsity.seer.tiled import tiled  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 DENSITIES = (1.0, 0.5, 0.3, 0.1)
@@ -59,6 +67,7 @@ def _args(argv):
     p.add_argument("--forms-lengths", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--minilm-steps", type=int, default=60)
     p.add_argument("--lm-dir", type=Path, default=Path("/tmp/seer-lm"))
     p.add_argument("--lm-steps", type=int, default=40)
@@ -87,9 +96,18 @@ def result_path(out: Path) -> Path:
     return out / f"seer-{machine()}-{RUN_DATE}.json"
 
 
-def save_part(out: Path, part: str, rows, extra: dict | None = None) -> Path:
+def save_part(out: Path, part: str, rows, extra: dict | None = None, key=None) -> Path:
+    """Write ``rows`` as ``part`` of the results file; with ``key`` (a row's identity) earlier rows of
+    the part that this run did not measure are kept, with the command and load of their own run."""
     path = result_path(out)
     doc = json.loads(path.read_text()) if path.is_file() else {}
+    here = {"command": "python " + " ".join(sys.argv), "loadavg": os.getloadavg()}
+    if key is not None:
+        old = doc.get("parts", {}).get(part, {})
+        mine = {key(r) for r in rows}
+        kept = [{**{k: old.get(k) for k in here}, **r} if "command" not in r else r
+                for r in old.get("rows", []) if key(r) not in mine]  # fmt: skip
+        rows = kept + [{**r, **here} for r in rows]
     doc.update(
         machine=machine(), cpu=platform.processor() or platform.machine(), date=RUN_DATE,
         clock=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -139,28 +157,32 @@ def time_config(q, k, v, keep, allowed, causal: bool, block: int, reps: int) -> 
     def sparse():  # what the core's form "auto" runs on CPU without a model bias
         if full:  # every allowed block kept: SDPA
             return X.dense(q, k, v, None, causal, d**-0.5)
-        out = flex(q, k, v, keep, causal, d**-0.5, block)
-        return X.gathered(q, k, v, keep, None, causal, d**-0.5, block) if out is None else out
+        out = cpp_attend(q, k, v, keep, causal, d**-0.5, block)
+        return tiled(q, k, v, keep, causal, d**-0.5, block) if out is None else out
 
     return alternate({"dense": lambda: X.dense(q, k, v, None, causal, d**-0.5), "sparse": sparse}, reps)
 
 
 @torch.no_grad()
 def speed(args) -> list[dict]:
-    rows = []
+    rows, dtype = [], getattr(torch, args.dtype)
     d, block = 64, 64
     for n in args.lengths:
         g = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(1, args.heads, n, d, generator=g) for _ in range(3))
+        q, k, v = (torch.randn(1, args.heads, n, d, generator=g).to(dtype) for _ in range(3))
         for causal in (False, True):
             for density in DENSITIES:
                 keep, allowed = random_keep(1, args.heads, n, block, causal, density)
                 kept = float(keep.sum() / allowed.expand_as(keep).sum())
                 t = time_config(q, k, v, keep, allowed, causal, block, args.reps)
+                flops = 4 * n * n * d * args.heads * (0.5 if causal else 1.0)  # QK^T and PV, allowed blocks
                 row = {
                     "tokens": n, "heads": args.heads, "head_dim": d, "causal": causal, "density": density,
+                    "dtype": args.dtype, "threads": torch.get_num_threads(),
                     "kept": round(kept, 4), "dense_s": round(t["dense"], 4), "sparse_s": round(t["sparse"], 4),
                     "speedup": round(t["dense"] / t["sparse"], 3), "goal": round(0.8 / kept, 3),
+                    "dense_gflops": round(flops / t["dense"] / 1e9, 1),
+                    "sparse_gflops": round(flops * kept / t["sparse"] / 1e9, 1),
                 }  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -186,6 +208,8 @@ def forms(args) -> list[dict]:
             first = time.perf_counter() - t0
             fns = {
                 "sdpa_dense": partial(X.dense, q, k, v, None, causal, d**-0.5),
+                "cpp": partial(cpp_attend, q, k, v, keep, causal, d**-0.5, block),
+                "tiled": partial(tiled, q, k, v, keep, causal, d**-0.5, block),
                 "gathered": partial(X.gathered, q, k, v, keep, None, causal, d**-0.5, block),
                 "flex": partial(flex, q, k, v, keep, causal, d**-0.5, block),
             }
@@ -231,11 +255,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}, load {os.getloadavg()}", flush=True)
     if "speed" in args.parts:
-        rows = speed(args)
+        part = "speed" + ("" if args.dtype == "float32" else f"-{args.dtype}")
+        part += "" if args.threads == 2 else f"-threads{args.threads}"
+        method = {"method": f"alternating, median of {args.reps} after a warm-up"}
         path = save_part(
-            args.out, "speed", rows, {"method": f"alternating, median of {args.reps} after a warm-up"}
+            args.out, part, speed(args), method, key=lambda r: (r["tokens"], r["causal"], r["density"])
         )
-        speed_png(rows, path.with_name(path.stem + "-speed.png"))
+        rows = json.loads(path.read_text())["parts"][part]["rows"]
+        speed_png(rows, path.with_name(f"{path.stem}-{part}.png"))
     if "forms" in args.parts:
         rows, extra = forms(args)
         save_part(args.out, "forms", rows, extra)

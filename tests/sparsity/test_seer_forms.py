@@ -2,11 +2,12 @@
 
 Oracles and tolerances (float32 inputs, outputs of magnitude ~1):
 
-* the CPU forms (gathered; FlexAttention compiled by Inductor) against the masked-dense reference:
-  2e-6 absolute (same math, another summation order); odd lengths 59, 97, 130 (partial last
-  blocks), a sequence shorter than a block, causal and not, GQA, padding (both forms) and a
-  real-valued bias (the gathered form; FlexAttention hands it to the gathered form); without a
-  working C++ compiler FlexAttention warns and the core's result is the gathered form's;
+* the CPU forms (gathered; tiled; the C++ kernel; FlexAttention compiled by Inductor) against the
+  masked-dense reference: 2e-6 absolute (same math, another summation order); odd lengths 59, 97,
+  130 (partial last blocks), a sequence shorter than a block, causal and not, GQA, padding (all
+  four), ragged rows from a ``threshold`` and a decoder without its diagonal (tiled, C++), and a
+  real-valued bias (the gathered form; the others hand it to the gathered form); without a working
+  C++ compiler FlexAttention and the C++ kernel warn and the core's result is the tiled form's;
 * the masked-dense reference against the project's kernel twin
   :func:`edgecompress.kernels.reference.block_sparse_attention` (no bias): 1e-6;
 * padding: the real rows of a padded sample equal the same sample without its padding: 2e-6;
@@ -25,8 +26,10 @@ import torch
 from edgecompress.kernels import attention_with_pooled_probs
 from edgecompress.kernels import reference as R
 from edgecompress.kernels.ops import HAS_TRITON
+from edgecompress.sparsity.seer import cpp as CPP
 from edgecompress.sparsity.seer import execute as X
 from edgecompress.sparsity.seer import flex as FX
+from edgecompress.sparsity.seer import tiled as T
 from edgecompress.sparsity.seer.core import SeerAttentionCore
 
 H, HKV, D = 4, 2, 16
@@ -54,6 +57,12 @@ def _padding_bias(n: int, valid: torch.Tensor, causal: bool) -> torch.Tensor:
     return torch.zeros(ok.shape).masked_fill(~ok, MIN)
 
 
+def _cpp(q, k, v, keep, causal, block, valid=None):
+    got = CPP.attend(q, k, v, keep, causal, D**-0.5, block, valid)
+    assert got is not None, "the C++ kernel did not build (see the warning)"
+    return got
+
+
 def _flex(q, k, v, keep, causal, block, valid=None):
     got = FX.flex(q, k, v, keep, causal, D**-0.5, block, valid)
     assert got is not None, "FlexAttention did not compile (see the warning)"
@@ -70,6 +79,10 @@ def test_cpu_forms_equal_the_masked_reference(n, block, causal):
     for budget in (X.GATHER_BYTES, 1):  # all query blocks in one chunk / one per chunk
         got = X.gathered(q, k, v, keep, None, causal, D**-0.5, block, budget=budget)
         torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    for budget in (T.SCORE_BYTES, 1):  # pieces of several rows / of one pair
+        got = T.tiled(q, k, v, keep, causal, D**-0.5, block, budget=budget)
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(_cpp(q, k, v, keep, causal, block), ref, rtol=0, atol=2e-6)
     if n < block:  # one block: FlexAttention leaves it to the gathered form (no compile of its own)
         assert FX.flex(q, k, v, keep, causal, D**-0.5, block) is None
         core = SeerAttentionCore(H, HKV, D, D, block, causal, form="flex")
@@ -98,7 +111,50 @@ def test_flex_falls_back_to_the_gathered_form_without_a_compiler(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second try, no second warning
         assert FX.flex(q, k, v, keep, True, D**-0.5, block) is None
-    torch.testing.assert_close(got, X.gathered(q, k, v, keep, None, True, D**-0.5, block), rtol=0, atol=0)
+    torch.testing.assert_close(got, T.tiled(q, k, v, keep, True, D**-0.5, block), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_ragged_rows_and_a_decoder_without_its_diagonal(causal):
+    """A ``threshold`` keeps a different number of blocks per head and row (ragged pieces), padding keys
+    are masked in the gathered slots, and rows that drop their diagonal block take the general path."""
+    n, block = 97, 16
+    q, k, v = _inputs(n)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, 90:] = False
+    core = SeerAttentionCore(H, HKV, D, D, block, causal, density=None, threshold=0.12, keep_diagonal=False)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        core.gate.q_weight.normal_()
+        core.gate.k_weight.normal_()
+    keep = core.choose(q, k, valid)[0]
+    counts = keep.sum(-1)
+    assert (counts != counts[:, :1]).any()  # ragged: heads of a row keep different numbers of blocks
+    assert not keep.diagonal(dim1=-2, dim2=-1).all()
+    ref = X.masked_dense(q, k, v, keep, None, causal, D**-0.5, block, valid)
+    for budget in (T.SCORE_BYTES, 1):
+        got = T.tiled(q, k, v, keep, causal, D**-0.5, block, valid, budget=budget)
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(_cpp(q, k, v, keep, causal, block, valid), ref, rtol=0, atol=2e-6)
+
+
+def test_cpp_kernel_falls_back_to_the_tiled_form_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(CPP, "_STATE", {})  # this process's loaded kernel, restored after
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: no-such-compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    n, block = 97, 16
+    q, k, v = _inputs(n, b=1)
+    core = SeerAttentionCore(H, HKV, D, D, block, True, density=0.4)
+    keep = core.choose(q, k)[0]
+    with pytest.warns(UserWarning, match="no-such-compiler"):
+        got = core.execute(q, k, v, keep, None, D**-0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second try, no second warning
+        assert CPP.attend(q, k, v, keep, True, D**-0.5, block) is None
+    torch.testing.assert_close(got, T.tiled(q, k, v, keep, True, D**-0.5, block), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -131,6 +187,8 @@ def test_padding_rows_equal_the_unpadded_sample(causal):
     ref = X.masked_dense(q, k, v, keep, None, causal, D**-0.5, block, valid)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
     torch.testing.assert_close(_flex(q, k, v, keep, causal, block, valid), ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(T.tiled(q, k, v, keep, causal, D**-0.5, block, valid), ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(_cpp(q, k, v, keep, causal, block, valid), ref, rtol=0, atol=2e-6)
     as_bias = X.gathered(q, k, v, keep, full, causal, D**-0.5, block)  # the same mask as a general bias
     torch.testing.assert_close(as_bias, ref, rtol=0, atol=2e-6)
     nb_real = -(-real // block)
@@ -152,9 +210,12 @@ def test_every_block_kept_is_dense_attention_and_the_class_row_is_dense():
     q, k, v = _inputs(n)
     full = torch.ones(2, H, 5, 5, dtype=torch.bool)
     dense = X.dense(q, k, v, None, False, D**-0.5)
-    torch.testing.assert_close(
-        X.gathered(q, k, v, full, None, False, D**-0.5, block), dense, rtol=0, atol=2e-6
-    )
+    for got in (
+        X.gathered(q, k, v, full, None, False, D**-0.5, block),
+        T.tiled(q, k, v, full, False, D**-0.5, block),
+        _cpp(q, k, v, full, False, block),
+    ):
+        torch.testing.assert_close(got, dense, rtol=0, atol=2e-6)
     keep = _keep(q, k, block, False, density=0.2)
     assert keep[:, :, 0].all() and keep[:, :, :, 0].all()  # the first block's row and column
     got = X.gathered(q, k, v, keep, None, False, D**-0.5, block)
@@ -176,8 +237,8 @@ def test_core_runs_dense_below_min_seq_len_and_at_full_density():
         assert torch.equal(short(q, k, v, None, D**-0.5, None), dense)
         assert torch.equal(full(q, k, v, None, D**-0.5, None), dense)
         assert (sparse(q, k, v, None, D**-0.5, None) - dense).abs().max() > 1e-3
-    assert sparse.pick_form(q, None, None) == "gathered"  # FlexAttention's compile pays from 1024 tokens
-    assert sparse.pick_form(q.new_empty(1, H, 1024, D), None, None) == "flex"
+    assert sparse.pick_form(q, None, None) == "cpp"  # CPU, no bias: the C++ kernel (tiled where it fails)
+    assert sparse.pick_form(q, torch.zeros(n, n), None) == "gathered"  # a model bias
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -203,7 +203,7 @@ BAD = {
         "set exactly one of density and threshold (got density=0.5, threshold=0.002; density: null selects",
     ),
     "threshold 1": ("passes: [{pass: seer_attention, density: null, threshold: 1}]", "threshold must be in [0, 1)"),
-    "form": ("passes: [{pass: seer_attention, form: cuda}]", "form must be one of ('auto', 'reference', 'gathered', 'flex', 'triton')"),
+    "form": ("passes: [{pass: seer_attention, form: cuda}]", "form must be one of ('auto', 'reference', 'gathered', 'tiled', 'cpp', 'flex', 'triton')"),
     "unknown field": ("passes: [{pass: seer_attention, blocks: 64}]", "passes[0].blocks: unknown field of pass 'seer_attention'"),
     "quantize before": (
         "passes: [{pass: uniform_ptq}, {pass: seer_attention}]",

@@ -16,10 +16,11 @@ Hugging Face encoders, ViTs and Llama-style decoders, without forking modeling c
   ``attention_with_pooled_probs`` on CUDA), the loss KL(truth ‖ gate) summed over layers
   (:mod:`.losses`); AdamW at ``lr`` 1e-3 as the paper;
 * at inference the kept blocks come from ``density`` (per-row top-k) or ``threshold`` with forced
-  blocks (:mod:`.masks`) and run in one of four forms (:mod:`.execute`): the masked-dense
-  reference, FlexAttention compiled for the CPU (:mod:`.flex`: the dropped blocks are never
-  visited; from 1024 tokens), the gathered CPU form (no compiling: shorter sequences, a model bias,
-  no compiler), the Triton kernel on CUDA; dense SDPA below ``min_seq_len`` tokens.
+  blocks (:mod:`.masks`) and run in one of six forms (:mod:`.execute`): the masked-dense
+  reference, a C++ kernel on CPU built at first use (:mod:`.cpp`, the default there for float32),
+  the batched kept-block matmuls (:mod:`.tiled`: other dtypes, no compiler), FlexAttention compiled
+  for the CPU (:mod:`.flex`, on request), the gathered CPU form (a model bias), the Triton kernel on
+  CUDA; dense SDPA below ``min_seq_len`` tokens.
 
 Choices where the paper or its code is silent or that differ, with the reason:
 

@@ -9,10 +9,16 @@ model's ``bias`` / mask, ``positions`` from Hugging Face decoders):
   (:func:`~edgecompress.sparsity.seer.execute.pooled_truth`) are kept in ``last`` for the loss;
 * otherwise: the gate scores the blocks (no gradient: the choice is discrete), the kept blocks are
   selected (:mod:`~edgecompress.sparsity.seer.masks`) and one form runs them (``form``: ``auto`` —
-  the Triton kernel on CUDA where it applies, else on CPU FlexAttention compiled by Inductor
-  (:mod:`~edgecompress.sparsity.seer.flex`) from 1024 tokens, where its compile pays; the gathered
-  form below that, where the model adds a bias beyond its padding mask, or where compiling fails); ``reference``, ``gathered``, ``flex``, ``triton`` force one). Dense SDPA runs instead below ``min_seq_len`` tokens, when a
-  KV cache makes the keys longer than the queries (decoding), and when every allowed block is kept.
+  the Triton kernel on CUDA where it applies, else on CPU the C++ kernel of
+  :mod:`~edgecompress.sparsity.seer.cpp` (float32, built at first use), the batched kept-block
+  matmuls of :mod:`~edgecompress.sparsity.seer.tiled` where it is unavailable or for other dtypes
+  (both measured faster than FlexAttention compiled by Inductor, :mod:`~edgecompress.sparsity.seer.flex`:
+  ``benchmarks/seer.py --parts forms``), and the gathered form where the model adds a bias beyond its
+  padding mask; ``reference``, ``gathered``, ``tiled``, ``cpp``, ``flex``, ``triton`` force one —
+  ``tiled``, ``cpp`` and ``flex`` hand a bias to the gathered form, ``cpp`` and ``flex`` a failed
+  build to ``tiled``). Dense SDPA runs instead below ``min_seq_len``
+  tokens, when a KV cache makes the keys longer than the queries (decoding), and when every allowed
+  block is kept.
 
 The softmax is fused (``SUPPORTS_PROBS = False``): a later PTQ pass quantizes q, k and v around this
 core. With ``record`` set, kept and allowed block counts per head accumulate (the report's density).
@@ -26,13 +32,14 @@ import torch
 from torch import nn
 
 from edgecompress.sparsity.seer import execute as X
-from edgecompress.sparsity.seer.flex import MIN_TOKENS as FLEX_MIN_TOKENS
+from edgecompress.sparsity.seer.cpp import attend as cpp_attend
 from edgecompress.sparsity.seer.flex import flex
 from edgecompress.sparsity.seer.gate import AttnGate, block_valid, num_blocks
 from edgecompress.sparsity.seer.masks import density_of, forced_blocks, select_blocks
+from edgecompress.sparsity.seer.tiled import tiled
 from edgecompress.structure import register_swap
 
-FORMS = ("auto", "reference", "gathered", "flex", "triton")
+FORMS = ("auto", "reference", "gathered", "tiled", "cpp", "flex", "triton")
 
 
 @register_swap
@@ -129,13 +136,13 @@ class SeerAttentionCore(nn.Module):
             return self.form
         if X.triton_ok(q, bias, valid, self.block):
             return "triton"
-        flex_ok = q.device.type == "cpu" and bias is None and q.shape[2] >= FLEX_MIN_TOKENS
-        return "flex" if flex_ok else "gathered"
+        return "cpp" if q.device.type == "cpu" and bias is None else "gathered"
 
     def execute(self, q, k, v, keep, bias, scale: float, valid=None) -> torch.Tensor:
         """The kept blocks in the chosen form; ``bias``/``valid`` as :func:`.execute.simplify_bias` gives them.
-        Under autograd (a later pass training through the core) the masked-dense form runs; FlexAttention
-        falls back to the gathered form with a bias beyond the padding mask or where it cannot compile."""
+        Under autograd (a later pass training through the core) the masked-dense form runs; ``tiled``,
+        ``cpp`` and FlexAttention hand a bias beyond the padding mask to the gathered form, ``cpp`` and
+        FlexAttention a failed build (and ``cpp`` a dtype other than float32) to ``tiled``."""
         form = self.pick_form(q, bias, valid)
         if form == "triton":
             return X.triton(q, k, v, keep, self.causal, scale, self.block)
@@ -145,6 +152,14 @@ class SeerAttentionCore(nn.Module):
             out = flex(q, k, v, keep, self.causal, scale, self.block, valid)
             if out is not None:
                 return out
+            form = "tiled"
+        if form == "cpp" and bias is None:
+            out = cpp_attend(q, k, v, keep, self.causal, scale, self.block, valid)
+            if out is not None:
+                return out
+            form = "tiled"
+        if form == "tiled" and bias is None:
+            return tiled(q, k, v, keep, self.causal, scale, self.block, valid)
         fn = X.masked_dense if form == "reference" else X.gathered
         return fn(q, k, v, keep, bias, self.causal, scale, self.block, valid)
 

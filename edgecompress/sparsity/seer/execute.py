@@ -15,8 +15,8 @@ kept key outputs zeros.
   each row's diagonal block apart with the kernel's own causal mask and merge the two parts by
   their log-sum-exp, so no query-dependent mask is built. Measured on the 2-core Xeon
   (``benchmarks/seer.py --parts forms``, 2026-12-06): 0.16-0.37x SDPA at 30 % density, 4k and 16k
-  tokens, where FlexAttention (:mod:`.flex`, the core's CPU form from 1024 tokens) was 1.1-1.4x;
-  the core runs this form below 1024 tokens, with a model bias, and where compiling fails;
+  tokens, where FlexAttention (:mod:`.flex`) was 1.1-1.4x; the core runs this form only with a
+  model bias (the C++ kernel :mod:`.cpp` and the batched :mod:`.tiled` form are its CPU forms);
 * the Triton kernel :func:`edgecompress.kernels.block_sparse_attention` (index-list masks: a skipped
   block costs nothing) on CUDA, where there is no bias beyond the causal mask;
 * :func:`dense` — PyTorch SDPA, for sequences below the pass's ``min_seq_len`` and rows that keep

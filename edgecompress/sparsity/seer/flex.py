@@ -12,12 +12,12 @@ Compiling: one ``torch.compile(flex_attention, dynamic=True)`` for the process, 
 tables' sizes marked dynamic, so Dynamo compiles once per variant (dtype, GQA, block size; causal or
 not is a tensor of the ``mask_mod``, one kernel serves both), whatever the lengths: a model's layers
 and later calls reuse the kernel. A single block (a size of 1 would be specialised: another compile)
-is left to the caller's gathered form. A
-compile costs ~5-80 s on the 2-core Xeon depending on its load, so the core's ``auto`` runs this
-form from :data:`MIN_TOKENS` tokens. Past Dynamo's recompile limit (8 variants in one process)
+is left to the caller. A
+compile costs ~5-80 s on the 2-core Xeon depending on its load; the core's ``auto`` runs the faster
+:mod:`.tiled` form instead (measured in ``benchmarks/seer.py --parts forms``), this one on request. Past Dynamo's recompile limit (8 variants in one process)
 FlexAttention runs uncompiled: correct (the ``mask_mod`` names the kept blocks) but dense in cost.
 Where compiling fails (no C++ compiler, an unsupported dtype such as float64), :func:`flex` warns
-once per variant and returns ``None``: the caller runs the gathered form instead.
+once per variant and returns ``None``: the caller runs another form instead.
 
 Where it does not apply (the caller's choice): autograd (the masked-dense form trains), a model bias
 beyond the causal and padding masks, non-CPU devices (the Triton kernel on CUDA).
@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from edgecompress.kernels.inputs import block_mask_to_index
 
-MIN_TOKENS = 1024  # the core's form "auto" runs FlexAttention from here (the gathered form below it)
 _COMPILED = None
 _FAILED: dict[tuple, str] = {}  # (dtype, gqa, block) -> why compiling failed
 
@@ -88,8 +87,8 @@ def block_mask(keep: torch.Tensor, n: int, block: int, causal: bool, valid=None)
 
 
 def flex(q, k, v, keep, causal: bool, scale: float, block: int, valid=None) -> torch.Tensor | None:
-    """Attention of ``q`` over the kept blocks by compiled FlexAttention; ``None`` (the caller runs the
-    gathered form) where compiling failed and for a single block (which would compile apart).
+    """Attention of ``q`` over the kept blocks by compiled FlexAttention; ``None`` (the caller runs
+    another form) where compiling failed and for a single block (which would compile apart).
 
     Shapes as :mod:`.execute` (GQA: ``k``/``v`` may have fewer heads). Rows with no visible key give 0."""
     variant = (q.dtype, k.shape[1] != q.shape[1], block)
@@ -102,7 +101,7 @@ def flex(q, k, v, keep, causal: bool, scale: float, block: int, valid=None) -> t
         _FAILED[variant] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         warnings.warn(
             f"SeerAttention: FlexAttention could not be compiled for {variant} ({_FAILED[variant]}); "
-            "running the gathered CPU form instead",
+            "running another CPU form instead",
             stacklevel=2,
         )
         return None
