@@ -42,6 +42,8 @@ LATENCY, ``--threads`` inference threads, reshaped to the static shapes it is fe
 * ``ov-ours-ov-attn`` / ``-bf16``: the same recipe with ``quantize_attention: true`` and
   ``symmetric: true`` (q, k, v symmetric, the softmax output unsigned: zero-point 0 on both sides
   of both attention matmuls, which OpenVINO needs to run them in INT8; Linear inputs symmetric too);
+* ``ov-ours-ov-qk`` / ``-bf16``: the recipe with q·kᵀ quantized as NNCF does for transformers
+  (``attention_inputs: [q, k]``, ``symmetric_attention: true``; softmax·v stays float);
 * ``ov-nncf`` / ``ov-nncf-bf16``: ``nncf.quantize`` of the FP32 model (read by OpenVINO) with
   ``model_type=TRANSFORMER`` and NNCF's defaults otherwise, calibrated on the same batches as
   ours, f32 / bf16 hint.

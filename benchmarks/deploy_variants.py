@@ -37,11 +37,19 @@ OV_VARIANTS = {
     "ov-ours-ov-bf16": ("ours-ov", "bf16"),
     "ov-ours-ov-attn": ("ours-ov-attn", "f32"),
     "ov-ours-ov-attn-bf16": ("ours-ov-attn", "bf16"),
+    "ov-ours-ov-qk": ("ours-ov-qk", "f32"),
+    "ov-ours-ov-qk-bf16": ("ours-ov-qk", "bf16"),
     "ov-nncf": ("nncf", "f32"),
     "ov-nncf-bf16": ("nncf", "bf16"),
 }
 VARIANTS = ("fp32", "ours", "ours-linear", "ort-default", "ort-tuned", "ort-dynamic", *OV_VARIANTS)
 OV_RECIPE = "uniform_w8a8_openvino"  # ours for OpenVINO: `compress --recipe` it, `export --format openvino`
+# q·kᵀ in INT8 as NNCF quantizes transformers (q, k symmetric; softmax·v stays float)
+QK_SETS = [
+    "passes.0.quantize_attention=true",
+    "passes.0.attention_inputs=[q,k]",
+    "passes.0.symmetric_attention=true",
+]
 NNCF_SETTINGS = {
     "model_type": "TRANSFORMER",
     "preset": "NNCF default (MIXED for transformers: symmetric weights, asymmetric activations)",
@@ -177,6 +185,7 @@ def export_variants(
     for key, sets in (
         ("ours-ov", []),
         ("ours-ov-attn", ["passes.0.quantize_attention=true", "passes.0.symmetric=true"]),
+        ("ours-ov-qk", QK_SETS),
     ):
         if key in wanted:
             notes[key] = {

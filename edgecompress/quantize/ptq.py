@@ -4,8 +4,10 @@ Weights: asymmetric (or symmetric) uniform, per output channel, min/max; ``symme
 and activations symmetric (zero-point 0 after export, TensorRT's form), ``symmetric_weights`` only
 the weights (OpenVINO's INT8 form: symmetric weights, activations with their zero-point; see
 :mod:`edgecompress.export.openvino`). Activations: per tensor
-at the inputs of every targeted Linear and of both attention matmuls (q, k, softmax output, v),
-with ``observer`` = ``minmax``, ``percentile`` (clip to the ``percentile``/100 and
+at the inputs of every targeted Linear and of both attention matmuls (q, k, softmax output, v;
+``attention_inputs`` picks a subset, e.g. ``[q, k]`` for q·kᵀ alone as NNCF does for transformers;
+``symmetric_attention`` makes q, k and v symmetric, zero-point 0, which a runtime needs to run a
+matmul of two activations in INT8, e.g. OpenVINO), with ``observer`` = ``minmax``, ``percentile`` (clip to the ``percentile``/100 and
 (100 − ``percentile``)/100 quantiles) or ``mse`` (clip ratio minimizing the quantization MSE of the
 calibration sample). All statistics come from one run of ``ctx.forward_loop`` on the float model,
 on real tokens only (padding tokens of text batches are left out: :func:`edgecompress.calib.observe`).
@@ -98,11 +100,12 @@ def quantize_embeddings(model: nn.Module, ctx: Context, bits: int, targets, igno
     return names
 
 
-def attention_slots(model: nn.Module, ctx: Context) -> list[str]:
-    """Names of the attention slots to quantize: q, k, v, and probs where the core exposes it."""
+def attention_slots(model: nn.Module, ctx: Context, inputs=tuple(SLOT_ROLES)) -> list[str]:
+    """Names of the attention slots to quantize: those of ``inputs`` (q, k, v, probs), probs only
+    where the core exposes it."""
     out = []
     for name, adapter in adapters(model):
-        for slot in SLOT_ROLES:
+        for slot in inputs:
             chain = getattr(adapter, slot)
             if slot == "probs" and not getattr(adapter.core, "SUPPORTS_PROBS", False):
                 ctx.notes.append(
@@ -143,6 +146,8 @@ class UniformPTQ:
     symmetric: bool = False
     symmetric_weights: bool = False
     quantize_attention: bool = True
+    attention_inputs: tuple[str, ...] = tuple(SLOT_ROLES)
+    symmetric_attention: bool = False
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ()
     embedding_bits: int = 0
@@ -154,6 +159,11 @@ class UniformPTQ:
         check_bits(self.w_bits, self.a_bits)
         check_smooth(self.smooth_alpha, self.smooth_targets)
         check_embedding_bits(self.embedding_bits)
+        unknown = sorted(set(self.attention_inputs) - set(SLOT_ROLES))
+        if unknown or not self.attention_inputs:
+            raise UserError(
+                f"attention_inputs must be a non-empty subset of {', '.join(SLOT_ROLES)}, got {list(self.attention_inputs)}"
+            )
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
 
@@ -177,7 +187,7 @@ class UniformPTQ:
         quantize_embeddings(model, ctx, self.embedding_bits, self.embedding_targets, self.ignore)
         act_points = [f"{n}.input_chain" for n in linears]
         if self.quantize_attention:
-            act_points += attention_slots(model, ctx)
+            act_points += attention_slots(model, ctx, self.attention_inputs)
         # a smoothed input is quantized after its 1/s: observe the output of that scale
         after = {f"{n}.input_chain": f"{n}.input_chain.0" for n in smoothed}
         at = [after.get(p, p) for p in act_points]
@@ -188,7 +198,9 @@ class UniformPTQ:
             if st.sample is None:  # the slot never ran (e.g. an unused head): leave it float
                 ctx.notes.append(f"{name}: not quantized (never ran on the calibration data)")
                 continue
-            sym = self.symmetric and role != "attn_probs"
+            sym = role != "attn_probs" and (
+                self.symmetric or (self.symmetric_attention and role in ATTENTION_ROLES)
+            )
             q = UniformQuantizer(self.a_bits, sym, "tensor", role)
             q.set_params(*activation_params(st, self.a_bits, sym, self.observer, self.percentile))
             q.stats = {"sqnr_db": round(sqnr_db(st.sample, q(st.sample)), 2), "observer": self.observer}

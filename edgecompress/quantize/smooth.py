@@ -19,10 +19,13 @@ Choices where the paper is silent or where we differ (stated):
   share one ``s``, from the largest weight column over the group, as in the paper: their
   multiplies and activation quantizers are then identical, which runtimes merge (OpenVINO does;
   per-Linear factors measured ~10 % slower there on MiniLM).
-* **Which Linears** (``smooth_targets``): ``post_norm`` (default) — the paper's and NNCF's set,
-  the Linears whose input is a LayerNorm/RMSNorm output (QKV and FC1 in a transformer block),
-  found on the calibration run by tensor identity (the norm's output object is the Linear's
-  input); ``all`` — every quantized Linear.
+* **Which Linears** (``smooth_targets``): ``post_norm`` (default) — the paper's set, the Linears
+  whose input is a LayerNorm/RMSNorm output (QKV and FC1 in a transformer block), found on the
+  calibration run by tensor identity (the norm's output object is the Linear's input); ``all`` —
+  every quantized Linear, the output projection and FC2 too. ``all`` is NNCF 3.4's transformer
+  set (its quantized MiniLM IR has a SmoothQuant ``Multiply`` before the output-projection and
+  FC2 quantizers as well); on MiniLM W8A8 it is what separates the two: ``all`` at α 0.8 gives
+  embedding cosine 0.9982 to FP32 against ``post_norm``'s 0.9963 (``benchmarks/deploy_smooth_scan.py``).
 * **Statistics.** ``max|X_j|`` over the real tokens of the calibration set (padding left out, as
   the observers do); a channel that never fires (max 0) or a weight column of zeros keeps
   ``s_j = 1``; ``s`` is clamped to [1e-5, 1e5].

@@ -93,7 +93,9 @@ def test_uniform_ptq_smooth_fields_are_checked():
 
 def test_smoothed_w8a8_quantizes_after_the_scale_and_exports(tmp_path):
     bert = tiny_bert_synthetic()
-    q = compressed(bert, "uniform_w8a8_openvino", ("passes.0.smooth_alpha=0.8",))
+    q = compressed(
+        bert, "uniform_w8a8_openvino", ("passes.0.smooth_alpha=0.8", "passes.0.smooth_targets=post_norm")
+    )
     scales = [m for m in q.model.modules() if isinstance(m, ChannelScale)]
     assert len(scales) == 2 * 2 * 4  # input and weight, 4 post-norm Linears per layer, 2 layers
     query = q.model.get_submodule("encoder.layer.0.attention.self.query")
