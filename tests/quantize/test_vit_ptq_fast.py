@@ -324,3 +324,40 @@ def test_sweep_size_rule(t, k, r, family, on):
 
     quant = UniformCandidates(4) if family == "uniform" else AdaLogCandidates(4, GELU_SHIFT)
     assert sweep.applies(quant, torch.empty(t, k), torch.empty(k, r, dtype=BF16), BF16) is on
+
+
+@pytest.mark.parametrize(
+    "per_head,m", [(True, 131), (False, 59)], ids=["per-head-whitened", "per-tensor-direct"]
+)
+def test_stacked_attention_scores_equal_per_candidate(per_head, m, monkeypatch):
+    """Oracle: the per-candidate fused bf16 score of the same candidates (``scoring.stacks`` off)
+    and the fp32 reference. Stacking 13 candidates (not a multiple of STACK) along the rows of one
+    product changes only the fp32 summation order: within 1e-6 relative (measured 0 here, ≤ 3e-7 at
+    DeiT-S's shapes); the fp32 reference within 2e-3 (the bf16 rounding of Δ, P and B)."""
+    from edgecompress.quantize.vit_ptq import scoring
+
+    g = _gen(59)
+    x, y = torch.randn(3, 5, 59, 97, generator=g), torch.randn(3, 5, m, 97, generator=g)
+    ref = x @ y.transpose(-2, -1) + 0.05 * torch.randn(3, 5, 59, m, generator=g)
+    quant, groups = UniformCandidates(4), 5 if per_head else 1
+    params = (
+        (torch.rand(13, groups, generator=g) + 0.5) * 0.3,
+        torch.randint(4, 12, (13, groups), generator=g).float(),
+    )
+    calls = []
+    monkeypatch.setattr(
+        UniformCandidates, "stacked_error", lambda self, *a: calls.append(1) or fused_stacked(*a)
+    )
+    got = va.left_operand_score(x, y, ref, quant, per_head, BF16)(*params)
+    assert calls, "the stacked kernel did not run"
+    monkeypatch.setattr(scoring, "stacks", lambda *a: False)
+    one = va.left_operand_score(x, y, ref, quant, per_head, BF16)(*params)
+    exact = va.left_operand_score(x, y, ref, quant, per_head)(*params)
+    torch.testing.assert_close(got, one, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, exact, rtol=2e-3, atol=0)
+
+
+def fused_stacked(x, prep, scale, zp, p, b):
+    from edgecompress.quantize.vit_ptq import fused
+
+    return fused.uniform_stacked_error(x, scale, -zp, 15 - zp, p, b)

@@ -130,6 +130,10 @@ class UniformCandidates:
         """``Σ_r (Δ P + B)²`` of one candidate in one compiled pass (:mod:`~edgecompress.quantize.vit_ptq.fused`)."""
         return fused.uniform_error(x, scale, -zp, levels(self.bits) - 1 - zp, p, b)
 
+    def stacked_error(self, x, prep, scale, zp, p, b) -> torch.Tensor:
+        """:meth:`fused_error` of ``C`` candidates (params ``[..., C, 1, 1]``) in one product: ``[..., C, T]``."""
+        return fused.uniform_stacked_error(x, scale, -zp, levels(self.bits) - 1 - zp, p, b)
+
     # the step-function view of :mod:`~edgecompress.quantize.vit_ptq.sweep`: x̂ − x = a·V(key) − base
     sweep_kind = "uniform"
 

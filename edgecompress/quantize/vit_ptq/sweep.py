@@ -55,6 +55,8 @@ CSR_MAX = 0.002
 scattered into a zero buffer for one bf16 product (the CSR product grows past it)."""
 MARGIN = 4
 """Sorted positions re-quantized on each side of a moved threshold (float rounding of the keys)."""
+K_OVER_R = 2
+"""Smallest ``K / R`` scored incrementally (see :func:`applies`)."""
 SWEEP_MIN_MACS = {"adalog": 2**28, "uniform": 3 * 2**28}
 """Smallest candidate product ``T·K·R`` scored incrementally, per family (``quant.sweep_kind``);
 smaller searches run the dense bf16 path (operation for operation the code before this module).
@@ -82,7 +84,7 @@ def applies(quant, x: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> bool
         and hasattr(quant, "sweep_view")
         and x.numel() >= fused.FUSE_MIN
         and x.numel() * p.shape[-1] >= SWEEP_MIN_MACS[quant.sweep_kind]
-        and x.shape[-1] >= 2 * p.shape[-1]
+        and x.shape[-1] >= K_OVER_R * p.shape[-1]
     )
 
 
