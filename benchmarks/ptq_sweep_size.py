@@ -36,7 +36,8 @@ def _case(t: int, k: int, r: int, family: str):
     from edgecompress.quantize.vit_ptq.fastq import fq_uniform
 
     g = torch.Generator().manual_seed(t + k)
-    x = torch.nn.functional.gelu(torch.randn(t, k, generator=g) * 1.5)
+    x = torch.randn(t, k, generator=g) * 1.5
+    x = torch.nn.functional.gelu(x) if k >= 2 * r else x  # an FC2 input; else as after LayerNorm
     x[:, 7] *= 6
     w = torch.randn(r, k, generator=g) / k**0.5
     w_hat = fq_uniform(w, w.abs().amax(1, keepdim=True) / 7, torch.full((r, 1), 8.0), 4)
@@ -49,6 +50,7 @@ def _run(case, on: bool) -> tuple[float, dict]:
     from edgecompress.quantize.vit_ptq import sweep
 
     sweep.SWEEP_MIN_MACS = dict.fromkeys(("adalog", "uniform"), 0 if on else 2**62)
+    sweep.K_OVER_R = 1
     x, w_hat, w, act, ranges = case
     t0 = time.perf_counter()
     got = vo._search_act(x, w_hat, w, 4, act, ranges, torch.bfloat16)
@@ -86,8 +88,10 @@ def row(shape, family: str, reps: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shapes", nargs="+", help="T,K,R each (default: the FC2-shaped set)")
+    p.add_argument("--families", nargs="+", default=["adalog", "uniform"], choices=["adalog", "uniform"])
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--name", default="ptq-sweep-size")
+    p.add_argument("--name", default="ptq-sweep-size", help="result file prefix")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
 
     path, _, meta = results_file(args.out, args.name, args.threads)
     first = {}  # first use in this process (kernels compiled) minus the steady state, per path
-    for fam in ("adalog", "uniform"):
+    for fam in args.families:
         case = _case(*SHAPES[0], fam)
         cold = {on: _run(case, on)[0] for on in (False, True)}
         first[fam] = {("sweep" if on else "dense"): round(cold[on] - _run(case, on)[0], 3) for on in cold}
@@ -103,8 +107,9 @@ def main(argv=None) -> int:
     meta["first_use_extra_s"] = first
     rows = []
     print("| T | K | R | MACs | family | dense s | sweep s | speed-up | same params |")
-    for shape in SHAPES:
-        for fam in ("adalog", "uniform"):
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    for shape in shapes:
+        for fam in args.families:
             rows.append(row(shape, fam, args.reps))
             r = rows[-1]
             print(f"| {r['T']} | {r['K']} | {r['R']} | {r['macs'] / 1e6:.0f}M | {fam} | {r['dense_s']} | "
