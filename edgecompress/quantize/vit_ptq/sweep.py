@@ -56,7 +56,9 @@ scattered into a zero buffer for one bf16 product (the CSR product grows past it
 MARGIN = 4
 """Sorted positions re-quantized on each side of a moved threshold (float rounding of the keys)."""
 K_OVER_R = 2
-"""Smallest ``K / R`` scored incrementally (see :func:`applies`)."""
+"""Smallest ``K / R`` scored incrementally (see :func:`applies`). With ``K = R`` the sweep is slower
+at every size measured (``benchmarks/ptq_sweep_size.py --families uniform``, 1 thread: 0.82× at
+T, K, R = 1431, 384, 384, 0.82× at 3152, 0.89× at DeiT-S's 6304)."""
 SWEEP_MIN_MACS = {"adalog": 2**28, "uniform": 3 * 2**28}
 """Smallest candidate product ``T·K·R`` scored incrementally, per family (``quant.sweep_kind``);
 smaller searches run the dense bf16 path (operation for operation the code before this module).
