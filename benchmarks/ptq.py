@@ -322,15 +322,15 @@ def main(argv=None) -> int:
     if any(o % CALIB_SAMPLES for o in args.calib_offset):
         print(f"--calib-offset must be a multiple of {CALIB_SAMPLES}", file=sys.stderr)
         return 2
-    from benchmarks.ptq_report import merge, summary, table  # the parent only (a worker may run main's code)
-
-    if args.merge:
-        merge(args.merge, args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json", args.note)
-        return 0
     if args.worker:
         row = worker(json.loads(args.worker))
         if row is not None:
             print("RESULT " + json.dumps(row), flush=True)
+        return 0
+    from benchmarks.ptq_report import merge, summary, table  # not in a worker: it may run main's package
+
+    if args.merge:
+        merge(args.merge, args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json", args.note)
         return 0
     meta, rows = _meta(args), []
     path = args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json"
