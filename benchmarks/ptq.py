@@ -207,23 +207,32 @@ def launch(spec: dict, code: Path, processes: int, timeout: float | None = None)
 
 
 def plan(args) -> list[dict]:
-    """The rows: per (model, method, bits): before/after at each thread count, then the torchrun row."""
+    """The rows: per (model, method, bits, calibration offset): before/after at each thread count,
+    then the torchrun row."""
     rows = []
     for model in args.models:
-        for method in args.methods or DEFAULT_METHODS[model]:
-            for bits in args.bits:
-                base = {"model": model, "method": method, "bits": bits}
-                base.update({"calib_offset": args.calib_offset} if args.calib_offset else {})
-                for threads in [] if args.no_single else args.threads:
-                    if args.before != "none" and method != "uniform":
-                        rows.append({**base, "code": "before", "threads": threads, "processes": 1})
-                    rows.append({**base, "code": "after", "threads": threads, "processes": 1})
-                if args.processes > 1 and method != "uniform":
-                    rows.append({**base, "code": "after", "threads": 1, "processes": args.processes})
-                if args.max_tokens and method != "uniform":  # the opt-in approximation, for its effect
-                    rows.append(
-                        {**base, "code": "after", "threads": 1, "processes": 1, "max_tokens": args.max_tokens}
-                    )
+        for method, bits, offset in (
+            (me, b, o)
+            for me in args.methods or DEFAULT_METHODS[model]
+            for b in args.bits
+            for o in args.calib_offset
+        ):
+            base = {
+                "model": model,
+                "method": method,
+                "bits": bits,
+                **({"calib_offset": offset} if offset else {}),
+            }
+            for threads in [] if args.no_single else args.threads:
+                if args.before != "none" and method != "uniform":
+                    rows.append({**base, "code": "before", "threads": threads, "processes": 1})
+                rows.append({**base, "code": "after", "threads": threads, "processes": 1})
+            if args.processes > 1 and method != "uniform":
+                rows.append({**base, "code": "after", "threads": 1, "processes": args.processes})
+            if args.max_tokens and method != "uniform":  # the opt-in approximation, for its effect
+                rows.append(
+                    {**base, "code": "after", "threads": 1, "processes": 1, "max_tokens": args.max_tokens}
+                )
     return rows
 
 
@@ -241,87 +250,6 @@ def measure(r: dict, args) -> dict:
     out = launch(spec, Path(code), r["processes"], args.row_timeout)
     blocks = spec.get("deit_blocks")
     return {**r, **({"blocks": f"{blocks or 12}/12"} if r["model"] == "deit-small" else {}), **out}
-
-
-KEYS = ("top1", "top1_agreement", "logit_sqnr_db", "cosine_mean", "nn_agreement", "calib_s", "calib_cpu_s")
-
-
-def table(rows: list[dict]) -> str:
-    head = "| model | method | W/A | code | threads × procs | " + " | ".join(KEYS) + " | load |"
-    lines = [head, "|" + "---|" * (len(KEYS) + 6)]
-    for r in rows:
-        cells = [str(r.get(k, "")) for k in KEYS]
-        what = r["model"] + (f" ({r['blocks']})" if "blocks" in r else "")
-        what += f" max_tokens={r['max_tokens']}" if r.get("max_tokens") else ""
-        what += f" calib {r['calib_offset']}+" if r.get("calib_offset") else ""
-        load = r.get("load_before", [""])[0]
-        lines.append(
-            f"| {what} | {r['method']} | {r['bits']} | {r['code']} | {r['threads']} × {r['processes']} | "
-            + " | ".join(cells)
-            + f" | {load} |"
-        )
-    return "\n".join(lines)
-
-
-METRICS = ("top1", "logit_sqnr_db", "cosine_mean", "nn_agreement")
-
-
-def summary(rows: list[dict]) -> list[dict]:
-    """Per (model, method, bits): before/after time ratios per thread count, the 2-process speed-up
-    over 1 process × 1 thread, and metric drift (after − before) next to the run-to-run noise (the
-    spread between the 1- and 2-thread runs of the same code: only float reduction order differs)."""
-    out = []
-    ident = lambda r: (r["model"], r["method"], r["bits"], r.get("blocks", ""))  # noqa: E731
-    for key in sorted({ident(r) for r in rows if "calib_s" in r}):
-        mine = [r for r in rows if ident(r) == key and "calib_s" in r]
-        pick = {
-            (r["code"], r["threads"], r["processes"]): r
-            for r in mine
-            if not r.get("max_tokens") and not r.get("calib_offset")
-        }
-        entry: dict = {
-            "model": key[0],
-            "method": key[1],
-            "bits": key[2],
-            **({"blocks": key[3]} if key[3] else {}),
-        }
-        for th in sorted({r["threads"] for r in mine}):
-            b, a = pick.get(("before", th, 1)), pick.get(("after", th, 1))
-            if a and b:
-                entry[f"speedup_{th}t"] = round(b["calib_s"] / a["calib_s"], 2)
-                if b.get("calib_cpu_s") and a.get("calib_cpu_s"):  # robust to a loaded CPU at 1 thread
-                    entry[f"cpu_speedup_{th}t"] = round(b["calib_cpu_s"] / a["calib_cpu_s"], 2)
-        one, two = pick.get(("after", 1, 1)), next((r for r in pick.values() if r["processes"] > 1), None)
-        if one and two:
-            entry["speedup_2proc_vs_1proc"] = round(one["calib_s"] / two["calib_s"], 2)
-        for m in METRICS:
-            vals = {
-                c: [r[m] for r in pick.values() if r["code"] == c and m in r] for c in ("before", "after")
-            }
-            if vals["before"] and vals["after"]:
-                entry[f"{m}_drift"] = round(vals["after"][0] - vals["before"][0], 4)
-                if max(len(v) for v in vals.values()) > 1:  # a spread needs two runs of one code
-                    entry[f"{m}_noise"] = round(max(max(v) - min(v) for v in vals.values()), 4)
-        sub = next((r for r in mine if r.get("max_tokens")), None)
-        if sub and one:  # the opt-in subsample against all tokens (same code, 1 thread)
-            entry["max_tokens"] = sub["max_tokens"]
-            entry["max_tokens_speedup"] = round(one["calib_s"] / sub["calib_s"], 2)
-            for m in METRICS:
-                if m in sub and m in one:
-                    entry[f"max_tokens_{m}_delta"] = round(sub[m] - one[m], 4)
-        entry.update(_calib_noise(mine, one))
-        out.append(entry)
-    return out
-
-
-def _calib_noise(mine: list[dict], one: dict | None) -> dict:
-    """The metrics of a calibration on other train samples (``--calib-offset``) minus the default's
-    (same code, 1 thread): the run-to-run noise of a calibration draw, to judge drift against."""
-    off = next((r for r in mine if r.get("calib_offset") and r["code"] == "after"), None)
-    if not (off and one):
-        return {}
-    deltas = {f"calib_offset_{m}_delta": round(off[m] - one[m], 4) for m in METRICS if m in off and m in one}
-    return {"calib_offset": off["calib_offset"], **deltas} if deltas else {}
 
 
 def _commit(path: Path) -> str:
@@ -376,7 +304,11 @@ def _parse(argv):
     )
     p.add_argument("--no-single", action="store_true", help="only the torchrun rows (a long model)")
     p.add_argument(
-        "--calib-offset", type=int, default=0, help="demo models: calibrate on train samples N … N+31 (noise)"
+        "--calib-offset",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="demo models: calibrate on train samples N … N+31 (noise); several: one set of rows each",
     )
     p.add_argument("--merge", type=Path, nargs="+", help="merge these results files of earlier runs")
     p.add_argument("--note", action="append", default=[], help="with --merge: a line for the file's meta")
@@ -385,39 +317,20 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def merge(paths: list[Path], out: Path, notes: list[str]) -> None:
-    """One results file from several runs of this script (each run's meta kept, rows tagged with it)."""
-    runs = [json.loads(p.read_text()) for p in paths]
-    rows = [
-        {**r, "run": i, "before_code": run["meta"]["before"]}
-        for i, run in enumerate(runs)
-        for r in run["rows"]
-    ]
-    first = runs[0]["meta"]
-    meta = {k: first[k] for k in ("machine", "cpu", "amx", "cpu_count", "torch", "python")}
-    meta.update(
-        date=first["date"][:10],
-        command=" ".join(["python benchmarks/ptq.py --merge", *map(str, paths), "--note ... (notes)"]),
-    )
-    meta["notes"] = notes
-    meta["runs"] = [run["meta"] for run in runs]
-    out.write_text(json.dumps({"meta": meta, "summary": summary(rows), "rows": rows}, indent=1))
-    print(table(rows))
-    print(f"wrote {out}")
-
-
 def main(argv=None) -> int:
     args = _parse(argv)
-    if args.calib_offset % CALIB_SAMPLES:
+    if any(o % CALIB_SAMPLES for o in args.calib_offset):
         print(f"--calib-offset must be a multiple of {CALIB_SAMPLES}", file=sys.stderr)
         return 2
-    if args.merge:
-        merge(args.merge, args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json", args.note)
-        return 0
     if args.worker:
         row = worker(json.loads(args.worker))
         if row is not None:
             print("RESULT " + json.dumps(row), flush=True)
+        return 0
+    from benchmarks.ptq_report import merge, summary, table  # not in a worker: it may run main's package
+
+    if args.merge:
+        merge(args.merge, args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json", args.note)
         return 0
     meta, rows = _meta(args), []
     path = args.out / f"ptq-{args.name}-{datetime.date.today().isoformat()}.json"

@@ -130,7 +130,12 @@ class UniformCandidates:
         """``Σ_r (Δ P + B)²`` of one candidate in one compiled pass (:mod:`~edgecompress.quantize.vit_ptq.fused`)."""
         return fused.uniform_error(x, scale, -zp, levels(self.bits) - 1 - zp, p, b)
 
+    def stacked_error(self, x, prep, scale, zp, p, b) -> torch.Tensor:
+        """:meth:`fused_error` of ``C`` candidates (params ``[..., C, 1, 1]``) in one product: ``[..., C, T]``."""
+        return fused.uniform_stacked_error(x, scale, -zp, levels(self.bits) - 1 - zp, p, b)
+
     # the step-function view of :mod:`~edgecompress.quantize.vit_ptq.sweep`: x̂ − x = a·V(key) − base
+    sweep_kind = "uniform"
 
     def sweep_view(self, x: torch.Tensor, prep: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """``(key, base)``: ``V`` is a non-decreasing step function of ``key = x``; ``base = x``."""
@@ -211,6 +216,7 @@ class AdaLogCandidates:
         return fused.adalog_error(lam, xs, l2s, inv, tab, n_value_codes(self.bits), p, b)
 
     # the step-function view of :mod:`~edgecompress.quantize.vit_ptq.sweep`: x̂ − x = a·V(λ) − (x + shift)
+    sweep_kind = "adalog"
 
     def sweep_view(self, x: torch.Tensor, prep: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """``(key, base) = (λ, x + shift)``: ``V = T_q[code]`` is a step function of ``λ`` whose

@@ -55,19 +55,38 @@ CSR_MAX = 0.002
 scattered into a zero buffer for one bf16 product (the CSR product grows past it)."""
 MARGIN = 4
 """Sorted positions re-quantized on each side of a moved threshold (float rounding of the keys)."""
+K_OVER_R = 2
+"""Smallest ``K / R`` scored incrementally (see :func:`applies`). With ``K = R`` the sweep is slower
+at every size measured (``benchmarks/ptq_sweep_size.py --families uniform``, 1 thread: 0.82× at
+T, K, R = 1431, 384, 384, 0.82× at 3152, 0.89× at DeiT-S's 6304)."""
+SWEEP_MIN_MACS = {"adalog": 2**28, "uniform": 3 * 2**28}
+"""Smallest candidate product ``T·K·R`` scored incrementally, per family (``quant.sweep_kind``);
+smaller searches run the dense bf16 path (operation for operation the code before this module).
+Measured on this CPU (``benchmarks/ptq_sweep_size.py``, 1 thread, load ~1; one input search of an
+FC2-shaped ``[T, K]·[K, R]`` input; the sweep's speed-up, dense s / sweep s): AdaLog's joint search at K, R = 288, 96
+(vit-digits' FC2 at T = 544: 15M) 0.78× at 15M, 0.91× at 30M, 1.14× at 60M, 1.20× at 120M; at
+K, R = 1536, 384 (MiniLM's and DeiT-S's FC2) 0.87× at 116M, 1.03× at 232M, 1.17× at 465M, 1.46×
+at 930M; uniform FPCS 0.59-0.93× up to 120M at the small K, R, 0.63-0.96× up to 465M at the
+large, 1.12× at 930M. The per-candidate bookkeeping (sorting the batch, threshold positions,
+gathers) and the fp32 pass over ``[T, R]`` cost more than the products they save until the
+product is large. AdaLog's 268M lies between 232M (1.03×, a gain within noise) and 465M (1.17×);
+uniform's 805M between 465M (0.96×) and 930M (1.12×)."""
 
 
 def applies(quant, x: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> bool:
-    """The bf16 path on a CPU, a family with a step-function view, a tensor large enough, and
-    ``K ≥ 2R``: an incremental candidate still makes one fp32 pass over ``[T, R]`` (and a dense
-    candidate one quantization pass over ``[T, K]``), so with ``K ≈ R`` nothing is saved (measured
-    on MiniLM's K = R = 384 inputs, 1 thread: the input searches 1.3-2× slower incremental)."""
+    """The bf16 path on a CPU, a family with a step-function view, a product of at least
+    :data:`SWEEP_MIN_MACS` multiply-adds for its family (below it the per-candidate bookkeeping and the compiled
+    residual cost more than the product they save), and ``K ≥ 2R``: an incremental candidate still
+    makes one fp32 pass over ``[T, R]`` (and a dense candidate one quantization pass over ``[T, K]``),
+    so with ``K ≈ R`` nothing is saved (measured on MiniLM's K = R = 384 inputs, 1 thread: the input
+    searches 1.3-2× slower incremental)."""
     return (
         dtype == torch.bfloat16
         and x.device.type == "cpu"
         and hasattr(quant, "sweep_view")
         and x.numel() >= fused.FUSE_MIN
-        and x.shape[-1] >= 2 * p.shape[-1]
+        and x.numel() * p.shape[-1] >= SWEEP_MIN_MACS[quant.sweep_kind]
+        and x.shape[-1] >= K_OVER_R * p.shape[-1]
     )
 
 
