@@ -14,13 +14,12 @@ them. Appends one row per variant to ``benchmarks/results/deploy-ov-profile-<mac
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from edgecompress.bench.env import results_file
+from edgecompress.bench.env import append_rows, results_file
 
 SHAPES = {"deit": {"x": (8, 3, 224, 224)}, "minilm": {"input_ids": (8, 128), "attention_mask": (8, 128)}}
 
@@ -87,10 +86,7 @@ def main() -> None:
             f"{v}: total {rows[-1]['total_ms']} ms;",
             "; ".join(f"{k} {x}" for k, x in list(by_type.items())[:8]),
         )
-    data["runs"].append(meta)
-    data["rows"] += rows
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {path}")
+    append_rows(path, data, meta, rows)
 
 
 if __name__ == "__main__":
