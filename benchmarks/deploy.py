@@ -36,14 +36,16 @@ LATENCY, ``--threads`` inference threads, reshaped to the static shapes it is fe
 * ``ov-ours``: our INT8 file of ``ours`` (the same bytes): asymmetric weights, which OpenVINO runs
   as weight-only decompression (float GEMMs; see ``OV_INT8_PATTERN``);
 * ``ov-ours-ov`` / ``ov-ours-ov-bf16``: ours for OpenVINO — recipe ``uniform_w8a8_openvino``
-  (symmetric per-channel INT8 weights, asymmetric per-tensor activations; the recipe's attention
-  setting) exported as ``export --format openvino`` writes it (INT8 weight codes), with the f32 /
+  (symmetric per-channel INT8 weights, per-tensor activations, SmoothQuant, attention as the
+  recipe sets it; before 2026-12-06 asymmetric activations and attention float) exported as ``export --format openvino`` writes it (INT8 weight codes), with the f32 /
   bf16 precision hint (bf16: what stays float runs on AMX);
-* ``ov-ours-ov-attn`` / ``-bf16``: the same recipe with ``quantize_attention: true`` and
+* ``ov-ours-ov-attn`` / ``-bf16``: the same recipe with all four attention inputs quantized and
   ``symmetric: true`` (q, k, v symmetric, the softmax output unsigned: zero-point 0 on both sides
   of both attention matmuls, which OpenVINO needs to run them in INT8; Linear inputs symmetric too);
-* ``ov-ours-ov-qk`` / ``-bf16``: the recipe with q·kᵀ quantized as NNCF does for transformers
-  (``attention_inputs: [q, k]``, ``symmetric_attention: true``; softmax·v stays float);
+* ``ov-ours-ov-qk`` / ``-bf16``: q·kᵀ quantized as NNCF does for transformers (``attention_inputs:
+  [q, k]``, ``symmetric_attention: true``; softmax·v stays float), Linear inputs asymmetric
+  (``symmetric: false``); ``ov-ours-ov-sym-qk`` / ``-bf16``: the same with every activation
+  symmetric (``symmetric: true``), which is the recipe's own setting since 2026-12-06;
 * ``ov-nncf`` / ``ov-nncf-bf16``: ``nncf.quantize`` of the FP32 model (read by OpenVINO) with
   ``model_type=TRANSFORMER`` and NNCF's defaults otherwise, calibrated on the same batches as
   ours, f32 / bf16 hint.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from deploy_range_ablation import _compress, _embeddings, nncf_scale_rule
 from deploy_variants import MODELS
 
-from edgecompress.bench.env import results_file
+from edgecompress.bench.env import append_rows, results_file
 from edgecompress.data.specs import load_data
 from edgecompress.models.loading import load_model
 from edgecompress.quantize import smooth
@@ -81,10 +81,7 @@ def main() -> None:
                 }
                 rows.append({**row, **measure(_compress(loaded, calib, sets)), "samples": args.samples})
                 print(json.dumps(rows[-1]), flush=True)
-    data["runs"].append(meta)
-    data["rows"] += rows
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {path}")
+    append_rows(path, data, meta, rows)
 
 
 if __name__ == "__main__":

@@ -39,12 +39,15 @@ OV_VARIANTS = {
     "ov-ours-ov-attn-bf16": ("ours-ov-attn", "bf16"),
     "ov-ours-ov-qk": ("ours-ov-qk", "f32"),
     "ov-ours-ov-qk-bf16": ("ours-ov-qk", "bf16"),
+    "ov-ours-ov-sym-qk": ("ours-ov-sym-qk", "f32"),
+    "ov-ours-ov-sym-qk-bf16": ("ours-ov-sym-qk", "bf16"),
     "ov-nncf": ("nncf", "f32"),
     "ov-nncf-bf16": ("nncf", "bf16"),
 }
 VARIANTS = ("fp32", "ours", "ours-linear", "ort-default", "ort-tuned", "ort-dynamic", *OV_VARIANTS)
 OV_RECIPE = "uniform_w8a8_openvino"  # ours for OpenVINO: `compress --recipe` it, `export --format openvino`
-# q·kᵀ in INT8 as NNCF quantizes transformers (q, k symmetric; softmax·v stays float)
+# q·kᵀ in INT8 as NNCF quantizes transformers (q, k symmetric; softmax·v stays float); every
+# variant spells its attention and symmetry settings out, whatever the recipe's defaults
 QK_SETS = [
     "passes.0.quantize_attention=true",
     "passes.0.attention_inputs=[q,k]",
@@ -184,8 +187,9 @@ def export_variants(
             batch=BATCH).path)  # fmt: skip
     for key, sets in (
         ("ours-ov", []),
-        ("ours-ov-attn", ["passes.0.quantize_attention=true", "passes.0.symmetric=true"]),
-        ("ours-ov-qk", QK_SETS),
+        ("ours-ov-attn", [*QK_SETS, "passes.0.attention_inputs=[q,k,v,probs]", "passes.0.symmetric=true"]),
+        ("ours-ov-qk", [*QK_SETS, "passes.0.symmetric=false"]),
+        ("ours-ov-sym-qk", [*QK_SETS, "passes.0.symmetric=true"]),
     ):
         if key in wanted:
             notes[key] = {

@@ -151,3 +151,13 @@ def results_file(out, name: str, threads: int) -> tuple:
     path = Path(out) / f"{name}-{meta['machine']}-{datetime.date.today().isoformat()}.json"
     data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "rows": []}
     return path, data, meta
+
+
+def append_rows(path, data: dict, meta: dict, rows: list) -> None:
+    """Add this run's :func:`run_meta` and ``rows`` to a :func:`results_file` and write it."""
+    import json
+
+    data["runs"].append(meta)
+    data["rows"] += rows
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}")
