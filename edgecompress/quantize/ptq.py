@@ -7,7 +7,8 @@ the weights (OpenVINO's INT8 form: symmetric weights, activations with their zer
 at the inputs of every targeted Linear and of both attention matmuls (q, k, softmax output, v;
 ``attention_inputs`` picks a subset, e.g. ``[q, k]`` for q·kᵀ alone as NNCF does for transformers;
 ``symmetric_attention`` makes q, k and v symmetric, zero-point 0, which a runtime needs to run a
-matmul of two activations in INT8, e.g. OpenVINO), with ``observer`` = ``minmax``, ``percentile`` (clip to the ``percentile``/100 and
+matmul of two activations in INT8, e.g. OpenVINO; both only with ``quantize_attention``), with
+``observer`` = ``minmax``, ``percentile`` (clip to the ``percentile``/100 and
 (100 − ``percentile``)/100 quantiles) or ``mse`` (clip ratio minimizing the quantization MSE of the
 calibration sample). All statistics come from one run of ``ctx.forward_loop`` on the float model,
 on real tokens only (padding tokens of text batches are left out: :func:`edgecompress.calib.observe`).
