@@ -110,6 +110,30 @@ def _export_torchscript(module, example, path, names, out, opset, axes) -> None:
     )  # fmt: skip
 
 
+def export_graph(module, example, path, names, out, opset, shapes, axes=None, exporter: str = "auto"):
+    """Export ``module`` called on ``example`` to ``path``: dynamo, else TorchScript (``exporter``
+    auto | dynamo | torchscript). Returns ``(exporter used, why dynamo failed or None)``; a failure
+    of the exporter(s) is one :class:`UserError`."""
+    used, reason = "dynamo", None
+    with torch.no_grad():
+        if exporter in ("auto", "dynamo"):
+            try:
+                _export_dynamo(module, example, path, names, out, opset, shapes)
+            except Exception as e:  # the exporters raise many types; the fallback records it
+                if exporter == "dynamo":
+                    raise UserError(f"dynamo export failed: {_first_line(e)}") from e
+                used, reason = "torchscript", _first_line(e)
+        else:
+            used = "torchscript"
+        if used == "torchscript":
+            try:
+                _export_torchscript(module, example, path, names, out, opset, axes)
+            except Exception as e:
+                why = f"; dynamo: {reason}" if reason else ""
+                raise UserError(f"ONNX export failed: torchscript: {_first_line(e)}{why}") from e
+    return used, reason
+
+
 def export_onnx(
     loaded: LoadedModel,
     path: str | Path,
@@ -136,23 +160,7 @@ def export_onnx(
     example = synthetic(loaded, max(batch, 2) if dynamic_batch else batch, seq=seq)
     names, out = input_names(loaded), output_name(loaded)
     axes, shapes = _dynamic(loaded, dynamic_batch)
-    used, reason = "dynamo", None
-    with torch.no_grad():
-        if exporter in ("auto", "dynamo"):
-            try:
-                _export_dynamo(module, example, path, names, out, opset, shapes)
-            except Exception as e:  # the exporters raise many types; the fallback records it
-                if exporter == "dynamo":
-                    raise UserError(f"dynamo export failed: {_first_line(e)}") from e
-                used, reason = "torchscript", _first_line(e)
-        else:
-            used = "torchscript"
-        if used == "torchscript":
-            try:
-                _export_torchscript(module, example, path, names, out, opset, axes)
-            except Exception as e:
-                why = f"; dynamo: {reason}" if reason else ""
-                raise UserError(f"ONNX export failed: torchscript: {_first_line(e)}{why}") from e
+    used, reason = export_graph(module, example, path, names, out, opset, shapes, axes, exporter)
     rewrites = rewrite_graph(path, target)
     model = check_onnx(path)
     return ExportResult(

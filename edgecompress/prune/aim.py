@@ -161,16 +161,13 @@ class _Graph(nn.Module):
 def _export(model: nn.Module, call, feeds: dict, path: Path) -> None:
     """As :func:`edgecompress.export.onnx.export_onnx` exports (export forms; dynamo, else TorchScript)."""
     from edgecompress.export.forms import to_export_form
-    from edgecompress.export.onnx import DEFAULT_OPSET, _export_dynamo, _export_torchscript
+    from edgecompress.export.onnx import DEFAULT_OPSET, export_graph
 
     names = list(feeds)
     module, args = _Graph(to_export_form(model)[0], call, names), tuple(feeds.values())
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' tracer notes
-        try:
-            _export_dynamo(module, args, path, names, "y", DEFAULT_OPSET, tuple(None for _ in names))
-        except Exception:  # the exporters raise many types; export_onnx falls back the same way
-            _export_torchscript(module, args, path, names, "y", DEFAULT_OPSET, None)
+        export_graph(module, args, path, names, "y", DEFAULT_OPSET, tuple(None for _ in names))
 
 
 class WholeModel:
