@@ -204,6 +204,7 @@ BAD = {
     ),
     "threshold 1": ("passes: [{pass: seer_attention, density: null, threshold: 1}]", "threshold must be in [0, 1)"),
     "form": ("passes: [{pass: seer_attention, form: cuda}]", "form must be one of ('auto', 'reference', 'gathered', 'tiled', 'cpp', 'flex', 'triton')"),
+    "dropped": ("passes: [{pass: seer_attention, dropped: zero}]", "dropped must be one of ('skip', 'mean'), got 'zero'"),
     "unknown field": ("passes: [{pass: seer_attention, blocks: 64}]", "passes[0].blocks: unknown field of pass 'seer_attention'"),
     "quantize before": (
         "passes: [{pass: uniform_ptq}, {pass: seer_attention}]",

@@ -18,6 +18,7 @@ from torch import nn
 
 from edgecompress.export.forms.registry import ExportOptions, register_form
 from edgecompress.sparsity.seer.core import SeerAttentionCore
+from edgecompress.sparsity.seer.dropped import dropped_part, merge
 from edgecompress.sparsity.seer.execute import attend_mask, masked_dense
 
 
@@ -41,6 +42,9 @@ class SeerExport(nn.Module):
         if c.min_seq_len:
             short = q.new_ones(q.shape[2]).sum() < c.min_seq_len  # a 0-d tensor: no branch in the graph
             keep = keep | (allowed & short)
+        if c.dropped == "mean":  # the dropped blocks' estimates join the softmax (sparsity/seer/dropped.py)
+            out, lse = masked_dense(q, k, v, keep, bias, c.causal, scale, c.block, lse=True)
+            return merge(out, lse, *dropped_part(q, k, v, keep, c.causal, scale, c.block, None, bias))
         return masked_dense(q, k, v, keep, bias, c.causal, scale, c.block)  # the model's whole mask: bias
 
 

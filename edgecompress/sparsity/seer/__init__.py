@@ -43,6 +43,10 @@ Choices where the paper or its code is silent or that differ, with the reason:
   sample, without its ×10 scale (:mod:`.losses`). The first quarter of the query blocks is dropped
   for decoders only.
 * Training sees every sequence length (``min_seq_len`` is an inference rule).
+* **``dropped: mean``** (ours, not in the paper; default ``skip``, the paper's rule): each dropped key
+  block joins the softmax as one estimated key at its mean key and value, weighted by its real-key
+  count (:mod:`.dropped`: why, the measurements, the forms that support it), at ``1/block`` of a
+  kept block's cost.
 
 Export (:mod:`edgecompress.export.forms.seer`): the gate and the block mask are in the ONNX graph and
 the attention is computed densely with the dropped blocks masked, verified in ONNX Runtime; ORT's

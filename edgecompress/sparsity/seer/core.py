@@ -20,6 +20,10 @@ model's ``bias`` / mask, ``positions`` from Hugging Face decoders):
   tokens, when a KV cache makes the keys longer than the queries (decoding), and when every allowed
   block is kept.
 
+With ``dropped="mean"`` (ours, off by default) each dropped block also enters the softmax as one
+estimated key at its mean key and value (:mod:`~edgecompress.sparsity.seer.dropped`): the form
+returns its log-sum-exp over the kept blocks and the estimate is merged in.
+
 The softmax is fused (``SUPPORTS_PROBS = False``): a later PTQ pass quantizes q, k and v around this
 core. With ``record`` set, kept and allowed block counts per head accumulate (the report's density).
 """
@@ -33,6 +37,7 @@ from torch import nn
 
 from edgecompress.sparsity.seer import execute as X
 from edgecompress.sparsity.seer.cpp import attend as cpp_attend
+from edgecompress.sparsity.seer.dropped import DROPPED, dropped_part, merge
 from edgecompress.sparsity.seer.flex import flex
 from edgecompress.sparsity.seer.gate import AttnGate, block_valid, num_blocks
 from edgecompress.sparsity.seer.masks import density_of, forced_blocks, select_blocks
@@ -55,18 +60,20 @@ class SeerAttentionCore(nn.Module):
         self, heads: int, kv_heads: int, head_dim: int, gate_dim: int, block: int, causal: bool,
         rope_dims: int = 0, rope_scaling: float = 1.0, density: float | None = 0.5,
         threshold: float | None = None, keep_diagonal: bool = True, keep_first: bool = True,
-        dense_last_rows: int = 2, min_seq_len: int = 0, form: str = "auto",
+        dense_last_rows: int = 2, min_seq_len: int = 0, form: str = "auto", dropped: str = "skip",
     ):  # fmt: skip
         super().__init__()
         if (density is None) == (threshold is None):
             raise ValueError("exactly one of density and threshold must be set")
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if dropped not in DROPPED:
+            raise ValueError(f"dropped must be one of {DROPPED}, got {dropped!r}")
         self.gate = AttnGate(heads, kv_heads, head_dim, gate_dim, block, rope_dims)
         self.gate.rope_scaling = float(rope_scaling)
         self.block, self.causal, self.density, self.threshold = block, bool(causal), density, threshold
         self.keep_diagonal, self.keep_first, self.dense_last_rows = keep_diagonal, keep_first, dense_last_rows
-        self.min_seq_len, self.form = min_seq_len, form
+        self.min_seq_len, self.form, self.dropped = min_seq_len, form, dropped
         self.collect, self.record = False, False
         self.last: dict | None = None
         self.register_buffer("kept", torch.zeros(heads, dtype=torch.long), persistent=False)
@@ -81,7 +88,7 @@ class SeerAttentionCore(nn.Module):
             causal=self.causal, rope_dims=2 * g.inv_freq.numel(), rope_scaling=g.rope_scaling,
             density=self.density, threshold=self.threshold, keep_diagonal=self.keep_diagonal,
             keep_first=self.keep_first, dense_last_rows=self.dense_last_rows, min_seq_len=self.min_seq_len,
-            form=self.form,
+            form=self.form, dropped=self.dropped,
         )  # fmt: skip
 
     @classmethod
@@ -114,7 +121,20 @@ class SeerAttentionCore(nn.Module):
             self.allowed += seen
         if bool((keep == allowed.expand_as(keep)).all()):
             return X.dense(q, k, v, bias, self.causal, scale)
-        return self.execute(q, k, v, keep, rest, scale, valid)
+        return self.sparse(q, k, v, keep, rest, scale, valid)
+
+    def sparse(self, q, k, v, keep, bias, scale: float, valid=None) -> torch.Tensor:
+        """The kept blocks (:meth:`execute`) and, with ``dropped="mean"``, the dropped blocks' estimates."""
+        if self.dropped == "mean":
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            if bias is None and not grad and self.pick_form(q, bias, valid) == "cpp":  # estimates in-kernel
+                out = cpp_attend(q, k, v, keep, self.causal, scale, self.block, valid, estimates=True)
+                if out is not None:
+                    return out
+            out, lse = self.execute(q, k, v, keep, bias, scale, valid, lse=True)
+            est, est_lse = dropped_part(q, k, v, keep, self.causal, scale, self.block, valid, bias)
+            return merge(out, lse, est, est_lse)
+        return self.execute(q, k, v, keep, bias, scale, valid)
 
     def choose(self, q, k, valid=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept blocks ``[B, H, nb, nb]`` and allowed blocks ``[B|1, 1, nb, nb]`` for this input."""
@@ -138,12 +158,16 @@ class SeerAttentionCore(nn.Module):
             return "triton"
         return "cpp" if q.device.type == "cpu" and bias is None else "gathered"
 
-    def execute(self, q, k, v, keep, bias, scale: float, valid=None) -> torch.Tensor:
+    def execute(self, q, k, v, keep, bias, scale: float, valid=None, lse: bool = False):
         """The kept blocks in the chosen form; ``bias``/``valid`` as :func:`.execute.simplify_bias` gives them.
         Under autograd (a later pass training through the core) the masked-dense form runs; ``tiled``,
         ``cpp`` and FlexAttention hand a bias beyond the padding mask to the gathered form, ``cpp`` and
-        FlexAttention a failed build (and ``cpp`` a dtype other than float32) to ``tiled``."""
+        FlexAttention a failed build (and ``cpp`` a dtype other than float32) to ``tiled``. With ``lse``
+        (``dropped: mean``): ``(out, logsumexp)``; FlexAttention hands over to ``tiled`` and, on CUDA,
+        the Triton kernel (no log-sum-exp yet) to the reference."""
         form = self.pick_form(q, bias, valid)
+        if lse and form in ("triton", "flex"):
+            form = "tiled" if form == "flex" and q.device.type == "cpu" else "reference"
         if form == "triton":
             return X.triton(q, k, v, keep, self.causal, scale, self.block)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -154,14 +178,14 @@ class SeerAttentionCore(nn.Module):
                 return out
             form = "tiled"
         if form == "cpp" and bias is None:
-            out = cpp_attend(q, k, v, keep, self.causal, scale, self.block, valid)
+            out = cpp_attend(q, k, v, keep, self.causal, scale, self.block, valid, lse=lse)
             if out is not None:
                 return out
             form = "tiled"
         if form == "tiled" and bias is None:
-            return tiled(q, k, v, keep, self.causal, scale, self.block, valid)
+            return tiled(q, k, v, keep, self.causal, scale, self.block, valid, lse=lse)
         fn = X.masked_dense if form == "reference" else X.gathered
-        return fn(q, k, v, keep, bias, self.causal, scale, self.block, valid)
+        return fn(q, k, v, keep, bias, self.causal, scale, self.block, valid, lse=lse)
 
     def _count_dense(self, q: torch.Tensor) -> None:
         if self.record:
@@ -174,7 +198,7 @@ class SeerAttentionCore(nn.Module):
         seen = self.allowed.sum().item()
         rule = f"density {self.density}" if self.density is not None else f"threshold {self.threshold}"
         return {
-            "layer": "SeerAttention", "role": f"block {self.block}, {rule}",
+            "layer": "SeerAttention", "role": f"block {self.block}, {rule}" + (", dropped blocks estimated" if self.dropped == "mean" else ""),
             "bits": str(self.gate.q_weight.dtype).removeprefix("torch."),
             "sparsity": f"keeps {self.kept.sum().item() / seen:.3f}" if seen else "",
             "bytes": sum(p.numel() * p.element_size() for p in self.gate.parameters()),
@@ -182,7 +206,10 @@ class SeerAttentionCore(nn.Module):
 
     def extra_repr(self) -> str:
         rule = f"density={self.density}" if self.density is not None else f"threshold={self.threshold}"
-        return f"block={self.block}, causal={self.causal}, {rule}, min_seq_len={self.min_seq_len}, form={self.form}"
+        return (
+            f"block={self.block}, causal={self.causal}, {rule}, min_seq_len={self.min_seq_len}, form={self.form}, "
+            f"dropped={self.dropped}"
+        )
 
 
 def _row_weights(allowed: torch.Tensor, valid, n: int, block: int) -> torch.Tensor:

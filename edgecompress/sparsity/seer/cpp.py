@@ -15,6 +15,9 @@ cache), with the vector width torch itself uses (``torch.backends.cpu.get_cpu_ca
 that fails (no C++ compiler, no headers) or the kernel refuses the call (a build of torch without
 oneDNN's brgemm), :func:`attend` warns once and returns ``None``: the caller runs :mod:`.tiled`.
 float32 only (other dtypes: ``None``); no bias beyond the causal and padding masks; no autograd.
+With ``dropped: mean`` the kernel also takes the blocks' mean keys and values (:mod:`.dropped`) and
+puts one estimated key per dropped block into each row's softmax; it can return each row's
+log-sum-exp.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgecompress.sparsity.seer.dropped import block_means
 from edgecompress.sparsity.seer.gate import num_blocks
 from edgecompress.sparsity.seer.tiled import key_bias
 
@@ -61,9 +65,13 @@ def _fail(e: Exception) -> None:
     )
 
 
-def attend(q, k, v, keep, causal: bool, scale: float, block: int, valid=None) -> torch.Tensor | None:
+def attend(q, k, v, keep, causal: bool, scale: float, block: int, valid=None, lse: bool = False,
+           estimates: bool = False):  # fmt: skip
     """Attention of ``q`` ``[B, H, N, D]`` over the kept blocks of ``k``/``v`` ``[B, Hkv, N, D]`` (GQA),
     ``keep`` ``[B, H, nb, nb]``, ``valid`` ``[B, N]`` the real keys; rows with no visible key give 0.
+    With ``lse``: ``(out, logsumexp [B, H, N])`` (``-inf`` for a row with no visible key). With
+    ``estimates`` (``dropped: mean``): the dropped blocks' estimates join each row's softmax inside the
+    kernel (:mod:`.dropped`; the same result as merging :func:`.dropped.dropped_part`'s).
     ``None`` where the kernel is unavailable or the dtype is not float32 (the caller runs another form)."""
     if q.dtype != torch.float32 or q.device.type != "cpu" or _op() is None:
         return None
@@ -74,15 +82,21 @@ def attend(q, k, v, keep, causal: bool, scale: float, block: int, valid=None) ->
     kt = k.reshape(b * hkv * nb, block, d).transpose(1, 2).contiguous()  # [blocks, D, bs]
     bias = key_bias(n, nb, block, valid, b, q.dtype, q.device)  # [B·nb, bs] 0 / -inf, or None
     out = q.new_empty(b * h * nb, block, d)
+    lout = q.new_empty(b * h * nb, block) if lse else q.new_empty(0)
+    ek = ev = eb = q.new_empty(0)
+    if estimates:
+        kbar, vbar, count = block_means(k[:, :, :n], v[:, :, :n], block, valid)
+        ek = kbar.transpose(-1, -2).reshape(b * hkv, d, nb).contiguous()
+        ev, eb = vbar.reshape(b * hkv, nb, d).contiguous(), count.log().contiguous()
     try:
         _STATE["op"](
             q.reshape(b * h * nb, block, d).contiguous(), kt, v.reshape(b * hkv * nb, block, d).contiguous(),
             keep.reshape(b * h * nb, nb).contiguous(), q.new_empty(0) if bias is None else bias, h, hkv, causal,
-            scale, out,
+            scale, out, lout, ek, ev, eb,
         )  # fmt: skip
     except RuntimeError as e:  # e.g. no oneDNN brgemm in this build of torch: once, then the tiled form
         _STATE.pop("op")
         _fail(e)
         return None
-    out = out.view(b, h, nb * block, d)
-    return out[:, :, :n] if pad else out
+    out = out.view(b, h, nb * block, d)[:, :, :n]
+    return (out, lout.view(b, h, nb * block)[:, :, :n]) if lse else out

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from edgecompress.kernels.inputs import BLOCK_SIZES, block_mask_to_index
 from edgecompress.kernels.reference import element_mask
+from edgecompress.sparsity.seer.dropped import safe_lse
 from edgecompress.sparsity.seer.gate import num_blocks
 
 GATHER_BYTES = 16 << 20  # gathered K and V per chunk of query blocks (cache-sized; buffers reused)
@@ -85,8 +86,9 @@ def dense(q, k, v, bias, causal: bool, scale: float) -> torch.Tensor:
     )
 
 
-def masked_dense(q, k, v, keep, bias, causal: bool, scale: float, block: int, valid=None) -> torch.Tensor:
-    """Reference: all scores, the dropped blocks, the causal upper triangle and padding keys set to -inf."""
+def masked_dense(q, k, v, keep, bias, causal: bool, scale: float, block: int, valid=None, lse: bool = False):
+    """Reference: all scores, the dropped blocks, the causal upper triangle and padding keys set to -inf.
+    With ``lse``: ``(out, logsumexp [B, H, N])`` (``-inf`` for a row with nothing kept)."""
     n = q.shape[2]
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -96,8 +98,10 @@ def masked_dense(q, k, v, keep, bias, causal: bool, scale: float, block: int, va
     mask = element_mask(keep, n, block, causal)
     if valid is not None:
         mask = mask & valid[:, None, None, :]
-    p = s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(nan=0.0)  # rows with nothing kept: 0
-    return (p @ v.float()).to(q.dtype)
+    s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1).nan_to_num(nan=0.0)  # rows with nothing kept: 0
+    out = (p @ v.float()).to(q.dtype)
+    return (out, safe_lse(s)) if lse else out
 
 
 def _row_chunks(widths: list[int], per_slot: int, budget: int) -> list[tuple[int, int, int]]:
@@ -184,15 +188,17 @@ def _diagonal_part(qc, kb5, vb5, head, r0, r1, n, valid, scale):
 
 
 def gathered(
-    q, k, v, keep, bias, causal: bool, scale: float, block: int, valid=None, budget: int = GATHER_BYTES
-) -> torch.Tensor:
+    q, k, v, keep, bias, causal: bool, scale: float, block: int, valid=None, budget: int = GATHER_BYTES,
+    lse: bool = False,
+):  # fmt: skip
     """CPU form: per chunk of query blocks, SDPA against the gathered kept K/V blocks (module docstring).
 
     Decoders without a bias run each row's diagonal block apart (causal inside it) and merge it with the
     row's other blocks by their log-sum-exp, so no query-dependent mask is built. Under autograd (a later
-    pass training through the core) the masked-dense form runs instead."""
+    pass training through the core) the masked-dense form runs instead. With ``lse``: ``(out, logsumexp)``
+    as :func:`masked_dense` gives them."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return masked_dense(q, k, v, keep, bias, causal, scale, block, valid)
+        return masked_dense(q, k, v, keep, bias, causal, scale, block, valid, lse)
     b, h, n, d = q.shape
     hkv, nb = k.shape[1], num_blocks(n, block)
     pad = nb * block - n
@@ -208,6 +214,7 @@ def gathered(
     head = torch.arange(h, device=q.device) // (h // hkv)
     base = ((torch.arange(b, device=q.device)[:, None] * hkv + head) * nb)[:, :, None, None]  # [B, H, 1, 1]
     out = q.new_zeros(b, h, nb, block, d)
+    lout = q.new_full((b, h, nb, block), float("-inf"), dtype=torch.float32) if lse else None
     per_slot = 2 * b * h * block * d * q.element_size()
     chunks = _row_chunks(widths, per_slot, budget)
     slots = max([b * h * (r1 - r0) * w for r0, r1, w in chunks] + [1])
@@ -227,18 +234,21 @@ def gathered(
             mask = _chunk_mask(idx, counts, r0, r1, n, block, causal and not split, bias, valid, q.dtype)
             if mask is not None:
                 mask = mask.reshape(b, h * r, mask.shape[3], w * block)
+        has_r = (counts > 0).reshape(b, h * r, 1)
+        o_r, l_r = _attend(qc, kg, vg, mask, False, scale) if w else (qc.new_zeros(qc.shape), None)
         if not split:
-            o = _attend(qc, kg, vg, mask, False, scale)[0] if w else qc.new_zeros(qc.shape)
+            o, lc = o_r, (l_r.masked_fill(~has_r, float("-inf")) if w else None)
         else:
             od, ld = _diagonal_part(qc, kb5, vb5, head, r0, r1, n, valid, scale)
             has_d = diag[:, :, r0:r1].reshape(b, h * r, 1)
-            if w:
-                o_r, l_r = _attend(qc, kg, vg, mask, False, scale)
-                o = _merge(o_r, l_r, (counts > 0).reshape(b, h * r, 1), od, ld, has_d)
-            else:
-                o = od * has_d[..., None]
+            o = _merge(o_r, l_r, has_r, od, ld, has_d) if w else od * has_d[..., None]
+            ld = ld.float().masked_fill(~has_d, float("-inf"))
+            lc = torch.logaddexp(l_r.float().masked_fill(~has_r, float("-inf")), ld) if w else ld
         out[:, :, r0:r1] = o.view(b, h, r, block, d)
-    return out.view(b, h, nb * block, d)[:, :, :n]
+        if lse and lc is not None:
+            lout[:, :, r0:r1] = lc.float().view(b, h, r, block)
+    out = out.view(b, h, nb * block, d)[:, :, :n]
+    return (out, lout.view(b, h, nb * block)[:, :, :n]) if lse else out
 
 
 def triton_ok(q: torch.Tensor, bias, valid, block: int) -> bool:

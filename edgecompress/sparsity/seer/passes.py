@@ -15,6 +15,7 @@ from edgecompress.models.attention import adapters, explicit_attention_
 from edgecompress.models.targeting import matches
 from edgecompress.pipeline import Context, register_pass
 from edgecompress.sparsity.seer.core import FORMS, SeerAttentionCore
+from edgecompress.sparsity.seer.dropped import DROPPED
 from edgecompress.sparsity.seer.losses import layer_kl, total_loss
 from edgecompress.sparsity.seer.report import seer_report
 from edgecompress.structure import replace_module
@@ -107,6 +108,7 @@ class SeerAttention:
     min_seq_len: int = 0
     skip_first_rows: float = 0.25
     form: str = "auto"
+    dropped: str = "skip"
     steps: int | None = None
     lr: float | None = 1e-3
     batch_size: int | None = None
@@ -125,6 +127,7 @@ class SeerAttention:
             ("min_seq_len", isinstance(self.min_seq_len, int) and self.min_seq_len >= 0, "an integer >= 0"),
             ("skip_first_rows", _num(self.skip_first_rows) and 0 <= self.skip_first_rows < 1, "in [0, 1)"),
             ("form", self.form in FORMS, f"one of {FORMS}"),
+            ("dropped", self.dropped in DROPPED, f"one of {DROPPED}"),
             ("lr", self.lr is None or (_num(self.lr) and self.lr > 0), "a number > 0 or null"),
         ]  # fmt: skip
         for field, ok, what in checks:
@@ -167,6 +170,7 @@ class SeerAttention:
             core = SeerAttentionCore(
                 s.heads, s.kv_heads, s.head_dim, gdim, self.block, s.causal, rope_dims, scaling, self.density,
                 self.threshold, self.keep_diagonal, self.keep_first, self.dense_last_rows, self.min_seq_len, self.form,
+                self.dropped,
             )  # fmt: skip
             if rope_dims:
                 core.gate.inv_freq.copy_(inv_freq)

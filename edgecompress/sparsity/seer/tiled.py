@@ -84,10 +84,14 @@ def key_bias(n: int, nb: int, block: int, valid, b: int, dtype, device):
     )
 
 
-def tiled(q, k, v, keep, causal: bool, scale: float, block: int, valid=None, budget: int = SCORE_BYTES):
+def tiled(
+    q, k, v, keep, causal: bool, scale: float, block: int, valid=None, budget: int = SCORE_BYTES, lse: bool = False
+):  # fmt: skip
     """Attention of ``q`` ``[B, H, N, D]`` over the kept blocks of ``k``/``v`` ``[B, Hkv, N, D]`` (GQA:
     query head ``h`` reads K/V head ``h // (H / Hkv)``); ``keep`` ``[B, H, nb, nb]``; ``valid`` ``[B, N]``
-    the real keys. Rows with no visible key give 0. See the module docstring."""
+    the real keys. Rows with no visible key give 0. See the module docstring. With ``lse``: ``(out,
+    logsumexp [B, H, N])`` (float32, ``-inf`` for a row with no visible key; one more pass over the
+    scores)."""
     b, h, n, d = q.shape
     hkv, nb = k.shape[1], num_blocks(n, block)
     pad, bh = nb * block - n, b * h
@@ -118,6 +122,8 @@ def tiled(q, k, v, keep, causal: bool, scale: float, block: int, valid=None, bud
         q.new_empty(pairs, block, d),
     )
     out = q.new_empty(b, h, nb * block, d)
+    lout = q.new_full((b, h, nb * block), float("-inf"), dtype=torch.float32) if lse else None
+    lv = lout.view(b, h, nb, block).permute(2, 0, 1, 3).flatten(1, 2) if lse else None  # [nb, B·H, bs]
     qv = q.reshape(b, h, nb, block, d).permute(2, 0, 1, 3, 4).flatten(1, 2)  # [nb, B·H, bs, D]
     ov = out.view(b, h, nb, block, d).permute(2, 0, 1, 3, 4).flatten(1, 2)  # views: pairs (row, batch, head)
     for r0, r1, j0, j1, w, ragged in pieces:
@@ -135,11 +141,14 @@ def tiled(q, k, v, keep, causal: bool, scale: float, block: int, valid=None, bud
         if tri is not None:  # the diagonal block, in slot 0 where kept
             first = s.view(p, block, w, block)[:, :, 0]
             first += tri if diag_all else torch.where(diagonal[p0:p1, None, None], tri, 0.0)
+        if lse:
+            lv[r0:r1, j0:j1] = torch.logsumexp(s, -1).float().view(lv[r0:r1, j0:j1].shape)
         torch.ops.aten._softmax.out(s, -1, False, out=s)
         if masked:
             s.nan_to_num_(nan=0.0)
         dst.copy_(torch.bmm(s, vg, out=obuf[:p]).view(dst.shape))
-    return out[:, :, :n] if pad else out
+    out = out[:, :, :n] if pad else out
+    return (out, lout[:, :, :n]) if lse else out
 
 
 def _mask_piece(s, index, counts, key_bias, bias_row, bh, p0, p1, w, ragged, block) -> bool:
