@@ -77,6 +77,30 @@ def _(q, k, v, kv_indices, kv_counts, causal, sm_scale, block):
     return q.new_empty(q.shape)  # [B, H, N, D], contiguous like the kernel's output
 
 
+@torch.library.custom_op("edgecompress::block_sparse_attention_lse", mutates_args=())
+def _block_sparse_attention_lse_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(q):
+        return _bsa_triton.block_sparse_attention_fwd(
+            q, k, v, kv_indices, kv_counts, causal, sm_scale, block, return_lse=True
+        )
+    index = BlockIndex(kv_indices, kv_counts)
+    return reference.block_sparse_attention(q, k, v, index, causal, sm_scale, block=block, return_lse=True)
+
+
+@_block_sparse_attention_lse_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, causal, sm_scale, block):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 @torch.library.custom_op("edgecompress::attention_with_pooled_probs", mutates_args=())
 def _pooled_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, causal: bool, sm_scale: float
@@ -120,7 +144,8 @@ def block_sparse_attention(
     sm_scale: float | None = None,
     *,
     block: int = 64,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Block-sparse attention forward (SeerAttention, arXiv 2410.13276): softmax(q k^T * sm_scale) v
     over the kept key blocks only.
 
@@ -133,14 +158,15 @@ def block_sparse_attention(
         sm_scale: score scale, default 1/sqrt(D).
         block: mask granularity, 32, 64 (default) or 128 tokens.
 
-    Returns [B, H, N, D] in q's dtype. A query row that keeps no key outputs zeros.
+    Returns [B, H, N, D] in q's dtype. A query row that keeps no key outputs zeros. With ``return_lse``:
+    ``(out, lse)``, ``lse`` [B, H, N] float32 each row's natural-log log-sum-exp of its scaled kept
+    scores (``-inf`` where it keeps no key), to merge the result with attention over other keys.
     """
     b, h, _, n, d = check_attention(q, k, v, block)
     check_block_mask(block_mask, b, h, n, block, q.device)
     index = block_mask if isinstance(block_mask, BlockIndex) else block_mask_to_index(block_mask, causal)
-    return _block_sparse_attention_op(
-        q, k, v, index.indices, index.counts, bool(causal), resolve_scale(sm_scale, d), int(block)
-    )
+    op = _block_sparse_attention_lse_op if return_lse else _block_sparse_attention_op
+    return op(q, k, v, index.indices, index.counts, bool(causal), resolve_scale(sm_scale, d), int(block))
 
 
 def attention_with_pooled_probs(

@@ -61,17 +61,23 @@ def block_sparse_attention(
     sm_scale: float | None = None,
     *,
     block: int = 64,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Masked dense attention: the block mask expanded to elements, then an explicit softmax.
 
-    A query row with no kept key (after block mask and causal mask) outputs zeros.
+    A query row with no kept key (after block mask and causal mask) outputs zeros. With ``return_lse``:
+    ``(out, lse)``, each row's log-sum-exp of its scaled kept scores, float32 (``-inf``: none kept).
     """
     b, h, _, n, d = check_attention(q, k, v, block, allow_fp64=True)
     check_block_mask(block_mask, b, h, n, block, q.device)
     if isinstance(block_mask, BlockIndex):
         block_mask = index_to_block_mask(block_mask, num_blocks(n, block))
     mask = element_mask(block_mask, n, block, causal)  # [B, H, N, N]
-    return _masked_attention(q, k, v, mask, resolve_scale(sm_scale, d))[0]
+    out = _masked_attention(q, k, v, mask, resolve_scale(sm_scale, d))[0]
+    if not return_lse:
+        return out
+    s = _scores(q, k, resolve_scale(sm_scale, d)).float().masked_fill(~mask, float("-inf"))
+    return out, s.logsumexp(-1)  # rows of -inf only: -inf
 
 
 def attention_with_pooled_probs(

@@ -30,14 +30,16 @@ GEMM_CONST = {"N_LEARNERS": 4, "L_P2": 8, "EVEN_K": True, "EVEN_N": True, "NUMER
 def _variants():
     """(name, kernel, pointer/float signature, constexprs, num_warps, num_stages)."""
     bsa = block_sparse_attention._block_sparse_attn_kernel
-    sig = ATTN | {"Idx": "*i32", "Cnt": "*i32"}
+    sig = ATTN | {"Lse": "*fp32", "Idx": "*i32", "Cnt": "*i32"}
     for causal in (False, True):
         for bm, bn, w, s in ((64, 64, 4, 3), (128, 64, 8, 3)):
             const = ATTN_CONST | {"BLOCK": max(bm, 64), "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal}
+            const["RETURN_LSE"] = False
             yield f"block_sparse causal={causal} {bm}x{bn}", bsa, sig, const, w, s
     for causal in (False, True):
         const = ATTN_CONST | {"HEAD_DIM": 80, "EVEN_N": False, "BLOCK_M": 64, "BLOCK_N": 32, "CAUSAL": causal}
-        yield f"block_sparse causal={causal} D=80 partial", bsa, sig, const, 4, 2
+        const["RETURN_LSE"] = True  # the log-sum-exp store (SeerAttention's dropped: mean)
+        yield f"block_sparse causal={causal} D=80 partial lse", bsa, sig, const, 4, 2
     pooled = pooled_attention._pooled_attn_kernel
     for causal in (False, True):
         const = ATTN_CONST | {"BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": causal}

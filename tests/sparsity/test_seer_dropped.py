@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edgecompress.kernels.ops import HAS_TRITON
 from edgecompress.sparsity.seer import cpp as CPP
 from edgecompress.sparsity.seer.core import SeerAttentionCore
 from edgecompress.sparsity.seer.dropped import dropped_part
@@ -202,3 +203,24 @@ def test_pass_saves_restores_and_exports_with_estimates(tiny_bert_dir, tmp_path)
     )
     record = export_verified(compressed, tmp_path / "m.onnx", samples=16, batch=4)
     assert record["verification"]["passed"], record["verification"]["failures"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_kernel_returns_the_log_sum_exp(causal):
+    """The Triton kernel (``TRITON_INTERPRET=1`` on CPU) with ``return_lse``: out and lse as the reference."""
+    from edgecompress.kernels import block_sparse_attention
+    from edgecompress.kernels.inputs import block_mask_to_index
+
+    n, block = 97, 32
+    q, k, v = _inputs(n, seed=5)
+    core = _core(block, causal, "reference")
+    with torch.no_grad():
+        keep = core.choose(q, k)[0]
+        want, want_lse = masked_dense(q, k, v, keep, None, causal, D**-0.5, block, lse=True)
+        got, got_lse = block_sparse_attention(
+            q, k, v, block_mask_to_index(keep, causal), causal, D**-0.5, block=block, return_lse=True
+        )
+    assert (got - want).abs().max() < 2e-5
+    fin = want_lse.isfinite()
+    assert torch.equal(fin, got_lse.isfinite()) and (got_lse[fin] - want_lse[fin]).abs().max() < 2e-5

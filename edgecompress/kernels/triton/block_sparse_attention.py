@@ -34,6 +34,7 @@ from edgecompress.kernels.triton.configs import (
 )
 
 LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)  # used inside the kernel
 
 
 @triton.jit
@@ -70,13 +71,14 @@ def _attend_tile(
 
 @triton.jit
 def _block_sparse_attn_kernel(
-    Q, K, V, Out, Idx, Cnt, qk_scale,
+    Q, K, V, Out, Lse, Idx, Cnt, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
     H, N, GROUP, N_KBLOCKS, N_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, NUMERICS: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):  # fmt: skip
     # heavy (late, causal) query tiles first for better load balance
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -134,6 +136,10 @@ def _block_sparse_attn_kernel(
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # rows with nothing kept stay 0
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, cast(out, Out.dtype.element_ty, NUMERICS), mask=m_ok[:, None] & d_ok[None, :])
+    if RETURN_LSE:  # natural-log log-sum-exp of the row's scaled scores (m_i, l_i are in base 2); -inf: none
+        seen = l_i > 0.0
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+        tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, lse, mask=m_ok)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -162,9 +168,11 @@ def block_sparse_attention_fwd(
     causal: bool,
     sm_scale: float,
     block: int,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Launch the kernel. q [B, H, N, D], k/v [B, Hkv, N, D], kv_indices [B, H, nQ, W] int32,
-    kv_counts [B, H, nQ] int32 (canonical layout, see ``edgecompress.kernels.inputs``)."""
+    kv_counts [B, H, nQ] int32 (canonical layout, see ``edgecompress.kernels.inputs``). With
+    ``return_lse``: ``(out, lse [B, H, N] float32)``, each row's log-sum-exp (``-inf``: nothing kept)."""
     b, h, n, d = q.shape
     hkv = k.shape[1]
     if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (n, d) or h % hkv:
@@ -180,8 +188,9 @@ def block_sparse_attention_fwd(
     kv_indices = kv_indices.contiguous()
     kv_counts = kv_counts.contiguous()
     out = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)  # [B, H, N, D]
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device) if return_lse else out
     if out.numel() == 0:
-        return out
+        return (out, lse) if return_lse else out
     meta = dict(
         HEAD_DIM=d,
         D_PAD=head_dim_pad(d),
@@ -189,9 +198,10 @@ def block_sparse_attention_fwd(
         CAUSAL=bool(causal),
         EVEN_N=n % block == 0,
         NUMERICS=numerics(q.dtype),
+        RETURN_LSE=bool(return_lse),
     )
     args = (
-        q, k, v, out, kv_indices, kv_counts, sm_scale * LOG2E,
+        q, k, v, out, lse, kv_indices, kv_counts, sm_scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *kv_indices.stride()[:3], *kv_counts.stride()[:2],
         h, n, h // hkv, nb, n.bit_length(),
@@ -203,4 +213,4 @@ def block_sparse_attention_fwd(
     else:
         grid = lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)  # noqa: E731
         _tuned_kernel[grid](*args, **meta)
-    return out
+    return (out, lse) if return_lse else out

@@ -163,13 +163,12 @@ class SeerAttentionCore(nn.Module):
         Under autograd (a later pass training through the core) the masked-dense form runs; ``tiled``,
         ``cpp`` and FlexAttention hand a bias beyond the padding mask to the gathered form, ``cpp`` and
         FlexAttention a failed build (and ``cpp`` a dtype other than float32) to ``tiled``. With ``lse``
-        (``dropped: mean``): ``(out, logsumexp)``; FlexAttention hands over to ``tiled`` and, on CUDA,
-        the Triton kernel (no log-sum-exp yet) to the reference."""
+        (``dropped: mean``): ``(out, logsumexp)``; FlexAttention hands over to ``tiled``."""
         form = self.pick_form(q, bias, valid)
-        if lse and form in ("triton", "flex"):
-            form = "tiled" if form == "flex" and q.device.type == "cpu" else "reference"
+        if lse and form == "flex":
+            form = "tiled"
         if form == "triton":
-            return X.triton(q, k, v, keep, self.causal, scale, self.block)
+            return X.triton(q, k, v, keep, self.causal, scale, self.block, lse=lse)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             form = "reference"
         if form == "flex" and bias is None:

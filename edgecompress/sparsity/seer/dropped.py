@@ -23,8 +23,8 @@ wholly before it. Forms (:mod:`.core`): the C++ kernel (:mod:`.cpp`, the CPU def
 estimates into each row's softmax itself (``nb`` more score columns per row, two more small
 brgemms per query block); the masked-dense reference, ``tiled`` and ``gathered`` return their
 log-sum-exp and :func:`dropped_part` is merged in (chunked over query blocks so its scores stay in
-cache); ``flex`` hands over to ``tiled``; on CUDA the reference runs (the Triton kernel returns no
-log-sum-exp yet; unverified here, no GPU). The cost, measured against skipping
+cache); ``flex`` hands over to ``tiled``; the Triton kernel returns its log-sum-exp too (tested
+with ``TRITON_INTERPRET=1``; on a GPU unverified here). The cost, measured against skipping
 (``benchmarks/seer_dropped.py --parts speed``, 2-core Xeon, 2 threads, block 64, under the bench
 lock at load ~5, 2026-12-06): the C++ kernel with estimates over without, 0.86-1.06x at densities
 0.5 and 0.3 (noise) and 0.99-1.29x at 0.1, 4k and 16k tokens; merging the PyTorch estimates into the

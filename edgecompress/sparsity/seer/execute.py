@@ -260,10 +260,12 @@ def triton_ok(q: torch.Tensor, bias, valid, block: int) -> bool:
     )
 
 
-def triton(q, k, v, keep, causal: bool, scale: float, block: int) -> torch.Tensor:
+def triton(q, k, v, keep, causal: bool, scale: float, block: int, lse: bool = False):
+    """The Triton kernel; with ``lse``: ``(out, logsumexp)``."""
     from edgecompress.kernels import block_sparse_attention
 
-    return block_sparse_attention(q, k, v, block_mask_to_index(keep, causal), causal, scale, block=block)
+    index = block_mask_to_index(keep, causal)
+    return block_sparse_attention(q, k, v, index, causal, scale, block=block, return_lse=lse)
 
 
 def pooled_truth(q, k, v, bias, causal: bool, scale: float, block: int, valid=None):
