@@ -65,40 +65,25 @@ def _block_sparse_attention_op(
     causal: bool,
     sm_scale: float,
     block: int,
-) -> torch.Tensor:
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``; ``lse`` is an empty tensor unless ``return_lse``."""
     if _use_triton(q):
-        return _bsa_triton.block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, causal, sm_scale, block)
-    index = BlockIndex(kv_indices, kv_counts)
-    return reference.block_sparse_attention(q, k, v, index, causal, sm_scale, block=block)
+        res = _bsa_triton.block_sparse_attention_fwd(
+            q, k, v, kv_indices, kv_counts, causal, sm_scale, block, return_lse=return_lse
+        )
+    else:
+        index = BlockIndex(kv_indices, kv_counts)
+        res = reference.block_sparse_attention(
+            q, k, v, index, causal, sm_scale, block=block, return_lse=return_lse
+        )
+    return res if return_lse else (res, q.new_empty(0, dtype=torch.float32))
 
 
 @_block_sparse_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, causal, sm_scale, block):
-    return q.new_empty(q.shape)  # [B, H, N, D], contiguous like the kernel's output
-
-
-@torch.library.custom_op("edgecompress::block_sparse_attention_lse", mutates_args=())
-def _block_sparse_attention_lse_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_indices: torch.Tensor,
-    kv_counts: torch.Tensor,
-    causal: bool,
-    sm_scale: float,
-    block: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(q):
-        return _bsa_triton.block_sparse_attention_fwd(
-            q, k, v, kv_indices, kv_counts, causal, sm_scale, block, return_lse=True
-        )
-    index = BlockIndex(kv_indices, kv_counts)
-    return reference.block_sparse_attention(q, k, v, index, causal, sm_scale, block=block, return_lse=True)
-
-
-@_block_sparse_attention_lse_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, causal, sm_scale, block):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k, v, kv_indices, kv_counts, causal, sm_scale, block, return_lse):
+    lse = q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), lse  # [B, H, N, D], contiguous like the kernel's output
 
 
 @torch.library.custom_op("edgecompress::attention_with_pooled_probs", mutates_args=())
@@ -165,8 +150,18 @@ def block_sparse_attention(
     b, h, _, n, d = check_attention(q, k, v, block)
     check_block_mask(block_mask, b, h, n, block, q.device)
     index = block_mask if isinstance(block_mask, BlockIndex) else block_mask_to_index(block_mask, causal)
-    op = _block_sparse_attention_lse_op if return_lse else _block_sparse_attention_op
-    return op(q, k, v, index.indices, index.counts, bool(causal), resolve_scale(sm_scale, d), int(block))
+    out, lse = _block_sparse_attention_op(
+        q,
+        k,
+        v,
+        index.indices,
+        index.counts,
+        bool(causal),
+        resolve_scale(sm_scale, d),
+        int(block),
+        bool(return_lse),
+    )
+    return (out, lse) if return_lse else out
 
 
 def attention_with_pooled_probs(

@@ -34,10 +34,11 @@ def _acm_args(device, t=23):
 def test_opcheck_all_ops(device):
     """torch.library.opcheck: schema, fake impl vs real outputs, dispatch under aot_autograd."""
     q, k, v, index = _attention_args(device)
-    torch.library.opcheck(
-        torch.ops.edgecompress.block_sparse_attention.default,
-        (q, k, v, index.indices, index.counts, True, 0.2, 32),
-    )
+    for lse in (False, True):
+        torch.library.opcheck(
+            torch.ops.edgecompress.block_sparse_attention.default,
+            (q, k, v, index.indices, index.counts, True, 0.2, 32, lse),
+        )
     torch.library.opcheck(
         torch.ops.edgecompress.attention_with_pooled_probs.default, (q, k, v, 32, False, 0.2)
     )
@@ -49,6 +50,8 @@ def test_fake_impls_give_output_shapes():
         q, k, v = torch.empty(2, 4, 130, 64), torch.empty(2, 2, 130, 64), torch.empty(2, 2, 130, 64)
         mask = torch.ones(2, 4, 3, 3, dtype=torch.bool)
         assert ek.block_sparse_attention(q, k, v, mask).shape == (2, 4, 130, 64)
+        out, lse = ek.block_sparse_attention(q, k, v, mask, return_lse=True)
+        assert out.shape == (2, 4, 130, 64) and lse.shape == (2, 4, 130) and lse.dtype == torch.float32
         out, pooled = ek.attention_with_pooled_probs(q.half(), k.half(), v.half(), 32)
         assert out.shape == (2, 4, 130, 64) and out.dtype == torch.float16
         assert pooled.shape == (2, 4, 5, 5) and pooled.dtype == torch.float32
