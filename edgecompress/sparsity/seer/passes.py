@@ -127,6 +127,7 @@ class SeerAttention:
         checks = [
             ("block", self.block in BLOCKS, f"one of {BLOCKS}"),
             ("density", self.density is None or (_num(self.density) and 0 < self.density <= 1), "in (0, 1] or null"),
+            ("rule", self.rule in RULES, f"one of {RULES}"),
             ("threshold", self.threshold is None or (_num(self.threshold) and 0 <= self.threshold < 1),
              "in [0, 1) or null"),
             ("gate_dim", self.gate_dim is None or (isinstance(self.gate_dim, int) and self.gate_dim >= 1),
@@ -135,7 +136,6 @@ class SeerAttention:
             ("min_seq_len", isinstance(self.min_seq_len, int) and self.min_seq_len >= 0, "an integer >= 0"),
             ("skip_first_rows", _num(self.skip_first_rows) and 0 <= self.skip_first_rows < 1, "in [0, 1)"),
             ("form", self.form in FORMS, f"one of {FORMS}"),
-            ("rule", self.rule in RULES, f"one of {RULES}"),
             ("lr", self.lr is None or (_num(self.lr) and self.lr > 0), "a number > 0 or null"),
         ]  # fmt: skip
         for field, ok, what in checks:
