@@ -1,12 +1,12 @@
 """Held-out KL of demo:minilm's AttnGates against training steps and lr, trained from the gate-input
 cache (:mod:`edgecompress.sparsity.seer.cache`); untimed quality (run it with ``nice -n 19``).
 
-    python benchmarks/seer_gate_curve.py --block 32 [--stride 64] [--runs 1e-3:2000 3e-3:2000] [--every 100]
+    python benchmarks/seer_gate_curve.py --block 32 [--stride 64] [--runs LR:STEPS[:WD] ...] [--every 100]
 
 Data as ``benchmarks/seer.py --parts minilm``: the built-in texts' first half (train) as 512-token
 windows starting every ``--stride`` tokens (overlapping: the train half holds ~23 disjoint windows),
 the second half (test) as disjoint windows. The caches of both are built once; each run
-(``lr:steps``) starts from the gates' initialisation and trains through
+(``lr:steps[:weight_decay]``) starts from the gates' initialisation and trains through
 :func:`edgecompress.train.fit` (AdamW, batch 8, cosine schedule after a 5 % warm-up, as the pass)
 and logs the held-out KL (test windows) and the training KL every ``--every`` steps. Rows go to
 part ``gate-curve-block<B>`` of ``benchmarks/results/seer-<machine>-<date>.json``, a PNG beside it.
@@ -42,6 +42,9 @@ def _args(argv):
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="keep the caches here (safetensors) for reruns"
+    )
     return p.parse_args(argv)
 
 
@@ -75,21 +78,27 @@ def main(argv=None):
     loaded, train, test = minilm_data(args.block, args.stride)
     model, cores, call = installed(loaded, args.block, test)
     t0 = time.perf_counter()
-    caches = {s: build_cache(model, cores, SampleSet(d, None, args.batch), call, args.batch)[0] for s, d in (("train", train), ("test", test))}  # fmt: skip
+    caches = {s: stored_cache(args, s, model, cores, d, call) for s, d in (("train", train), ("test", test))}
     built = round(time.perf_counter() - t0, 1)
+    torch.set_num_threads(1)  # tiny ops: a second thread only waits on a loaded machine
     size = {s: sum(v.numel() * 4 for v in c.inputs.values()) for s, c in caches.items()}
     print(f"caches built in {built} s: {size} bytes, {len(caches['train'])} train windows", flush=True)
     probe = SampleSet(caches["train"].batch(slice(0, len(caches["test"]))).inputs, None, args.batch)
     rows = []
     for run in args.runs:
-        lr, steps = float(run.split(":")[0]), int(run.split(":")[1])
+        lr, steps, wd = (*(float(x) for x in run.split(":")), 0.0)[:3]
+        steps = int(steps)
         for c in cores:
             c.gate.reset_parameters()
         curve = [(0, cached_kl(cores, caches["test"], 0.25), cached_kl(cores, probe, 0.25))]
 
-        def log(step, _m, _o, _loss, curve=curve):
+        def log(step, _m, _o, _loss, curve=curve, lr=lr):
             if step % args.every == 0:
                 curve.append((step, cached_kl(cores, caches["test"], 0.25), cached_kl(cores, probe, 0.25)))
+                print(
+                    f"lr {lr:g} step {step}: held-out {curve[-1][1]:.4f}, train {curve[-1][2]:.4f}",
+                    flush=True,
+                )
 
         cfg = TrainConfig(
             steps=steps, lr=lr, batch_size=args.batch, warmup_steps=max(1, steps // 20), log_every=10**9
@@ -99,7 +108,7 @@ def main(argv=None):
         fit(CachedObjective(cores, 0.25), lambda m, b: m(b.inputs), caches["train"], cfg,
             params=[p for c in cores for p in c.gate.parameters()], callback=log, desc=f"lr {lr}")  # fmt: skip
         row = {
-            "block": args.block, "lr": lr, "steps": steps, "seconds": round(time.perf_counter() - t, 1),
+            "block": args.block, "lr": lr, "steps": steps, "weight_decay": wd, "seconds": round(time.perf_counter() - t, 1),
             "kl_held_out": round(curve[-1][1], 4), "kl_train": round(curve[-1][2], 4),
             "best_held_out": round(min(c[1] for c in curve), 4),
             "best_step": min(curve, key=lambda c: c[1])[0],
@@ -114,6 +123,22 @@ def main(argv=None):
     _png(rows, path.with_name(f"{path.stem}-gate-curve-block{args.block}.png"), args.block)
 
 
+def stored_cache(args, split: str, model, cores, data: dict, call) -> SampleSet:
+    """The cache of ``data``, read from / written to ``--cache-dir`` (safetensors) when that is set."""
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if args.cache_dir is not None:
+        path = args.cache_dir / f"seer-minilm-block{args.block}-stride{args.stride}-{split}.safetensors"
+        if path.is_file():
+            return SampleSet(load_file(str(path)), None, args.batch)
+    cache = build_cache(model, cores, SampleSet(data, None, args.batch), call, args.batch)[0]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in cache.inputs.items()}, str(path))
+    return cache
+
+
 def _png(rows, path: Path, block: int) -> None:
     try:
         from matplotlib.figure import Figure
@@ -124,7 +149,9 @@ def _png(rows, path: Path, block: int) -> None:
     for r in rows:
         s = [c[0] for c in r["curve"]]
         (line,) = ax.plot(
-            s, [c[1] for c in r["curve"]], label=f"lr {r['lr']:g}, {r['steps']} steps: held-out"
+            s,
+            [c[1] for c in r["curve"]],
+            label=f"lr {r['lr']:g}, wd {r['weight_decay']:g}, {r['steps']} steps: held-out",
         )
         ax.plot(s, [c[2] for c in r["curve"]], ls=":", color=line.get_color(), label="train windows")
     ax.set_xlabel("step (batch 8)")

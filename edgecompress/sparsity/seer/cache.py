@@ -27,6 +27,8 @@ it to a density is our choice, so that it compares with the per-row top-k at the
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,19 @@ from edgecompress.sparsity.seer.masks import forced_blocks
 
 LIMIT_BYTES = 4 * 2**30
 FIELDS = ("q", "k", "truth", "rows", "pos")
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """Context: on the CPU, torch ops run on one thread (a cached step is a few small einsums, which a
+    second thread slows on a loaded machine); the thread count is restored."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class collecting:

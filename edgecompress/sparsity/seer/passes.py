@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,6 +19,7 @@ from edgecompress.sparsity.seer.cache import (
     build_cache,
     calibrate_threshold,
     collecting,
+    one_thread,
     samples,
 )
 from edgecompress.sparsity.seer.core import FORMS, SeerAttentionCore
@@ -202,19 +202,16 @@ class SeerAttention:
         mods = list(cores.values())
         cache, complete = build_cache(model, mods, ctx.batches("train"), ctx.call, cfg.batch_size)
         params = [p for c in mods for p in c.gate.parameters()]
-        if complete:
+        if complete:  # one CPU thread: a cached step is a few small einsums (see .cache.one_thread)
             objective, data, scope = (
                 CachedObjective(mods, self.skip_first_rows),
                 cache,
-                contextlib.nullcontext(),
+                one_thread(ctx.device),
             )
             loss_fn = _cached_loss
         else:
-            objective, data, scope = (
-                _Objective(model, mods, ctx.call, self.skip_first_rows),
-                ctx.batches("train"),
-                collecting(mods),
-            )
+            objective, data = _Objective(model, mods, ctx.call, self.skip_first_rows), ctx.batches("train")
+            scope = collecting(mods)
             objective.train(model.training)  # fit restores the wrapper's mode, and with it the model's
             loss_fn = _live_loss
         with scope:
