@@ -42,6 +42,9 @@ def _args(argv):
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--thread-check", action="store_true", help="only time cached steps on 1 vs 2 threads")
+    p.add_argument("--png-only", action="store_true", help="redraw the PNG from the results file")
+    p.add_argument("--label", default="locked", help="thread check: part gate-steps-threads-LABEL")
     p.add_argument(
         "--cache-dir", type=Path, default=None, help="keep the caches here (safetensors) for reruns"
     )
@@ -74,13 +77,25 @@ def installed(loaded, block: int, example: dict):
 
 def main(argv=None):
     args = _args(argv)
+    if args.png_only:  # redraw from the results file
+        seer = sibling("seer")
+        path = seer.result_path(args.out)
+        rows = json.loads(path.read_text())["parts"][f"gate-curve-block{args.block}"]["rows"]
+        return _png(rows, path.with_name(f"{path.stem}-gate-curve-block{args.block}.png"), args.block)
     torch.set_num_threads(2)
     loaded, train, test = minilm_data(args.block, args.stride)
     model, cores, call = installed(loaded, args.block, test)
     t0 = time.perf_counter()
     caches = {s: stored_cache(args, s, model, cores, d, call) for s, d in (("train", train), ("test", test))}
     built = round(time.perf_counter() - t0, 1)
-    torch.set_num_threads(1)  # tiny ops: a second thread only waits on a loaded machine
+    if args.thread_check:
+        rows = thread_check(args, cores, caches["train"])
+        print(json.dumps(rows), flush=True)
+        sibling("seer").save_part(
+            args.out, f"gate-steps-threads-{args.label}", rows, {"method": "alternating, 200 steps each"}
+        )
+        return
+    torch.set_num_threads(1)  # tiny ops: a second thread only waits on a loaded machine (see thread_check)
     size = {s: sum(v.numel() * 4 for v in c.inputs.values()) for s, c in caches.items()}
     print(f"caches built in {built} s: {size} bytes, {len(caches['train'])} train windows", flush=True)
     probe = SampleSet(caches["train"].batch(slice(0, len(caches["test"]))).inputs, None, args.batch)
@@ -117,14 +132,30 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     extra = {"train_windows": len(caches["train"]), "test_windows": len(caches["test"]), "stride": args.stride,
-             "cache_bytes": size, "cache_build_s": built, "batch": args.batch, "tokens": 512}  # fmt: skip
+             "cache_bytes": size, "cache_build_s": built, "cache_dir": str(args.cache_dir), "batch": args.batch, "tokens": 512}  # fmt: skip
     seer = sibling("seer")
     path = seer.save_part(args.out, f"gate-curve-block{args.block}", rows, extra)
     _png(rows, path.with_name(f"{path.stem}-gate-curve-block{args.block}.png"), args.block)
 
 
+def thread_check(args, cores, cache, reps: int = 3, steps: int = 200) -> list[dict]:
+    """Cached steps per second on 1 and 2 threads, alternated ``reps`` times (timed: run under the lock)."""
+    times: dict[int, list[float]] = {1: [], 2: []}
+    params = [p for c in cores for p in c.gate.parameters()]
+    cfg = TrainConfig(steps=steps, lr=1e-3, batch_size=args.batch, log_every=10**9)
+    for _ in range(reps):
+        for threads in times:
+            torch.set_num_threads(threads)
+            t = time.perf_counter()
+            fit(CachedObjective(cores, 0.25), lambda m, b: m(b.inputs), cache, cfg, params=params, desc="t")
+            times[threads].append(steps / (time.perf_counter() - t))
+    return [{"threads": k, "steps_per_s": [round(x, 1) for x in v], "batch": args.batch, "block": args.block}
+            for k, v in times.items()]  # fmt: skip
+
+
 def stored_cache(args, split: str, model, cores, data: dict, call) -> SampleSet:
-    """The cache of ``data``, read from / written to ``--cache-dir`` (safetensors) when that is set."""
+    """The cache of ``data``, read from / written to ``--cache-dir`` (safetensors) when that is set
+    (``cache_build_s`` is then the time to read it)."""
     from safetensors.torch import load_file, save_file
 
     path = None
@@ -156,6 +187,7 @@ def _png(rows, path: Path, block: int) -> None:
         ax.plot(s, [c[2] for c in r["curve"]], ls=":", color=line.get_color(), label="train windows")
     ax.set_xlabel("step (batch 8)")
     ax.set_ylabel("KL(truth ‖ gate), summed over 6 layers")
+    ax.set_yscale("log")
     ax.set_title(f"demo:minilm AttnGates, block {block}, 512 tokens")
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)

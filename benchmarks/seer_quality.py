@@ -19,7 +19,9 @@ Beyond the per-row budget (the ``density`` rule), rows whose budget varies per r
 * ``seer`` at ``threshold`` t (the paper's inference rule: blocks whose gate probability exceeds t);
 * ``cover`` at mass m — the oracle with a variable budget: per row the fewest blocks holding a
   fraction m of the true attention mass (the diagnosis of 2026-12-06: at equal kept fractions it
-  beats every per-row top-k, which the fixed budget, not the block choice, limits).
+  beats every per-row top-k, which the fixed budget, not the block choice, limits);
+* ``gate_cover`` at mass m — the same rule on the trained gate's probabilities (not the paper's
+  rule: a measurement of how much of the oracle's variable budget the gate can reach).
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def use_method(model, method: str, cover: float | None = None) -> None:
                 )
                 if method == "cover":
                     return _cover(_block_mass(self, q, k, valid), allowed, forced, cover), allowed
+                if method == "gate_cover":
+                    return _cover(logits.float().softmax(-1), allowed, forced, cover), allowed
                 scores = _scores(self, method, q, k, valid, positions).expand_as(logits)
                 return select_blocks(scores, allowed, forced, self.density, self.threshold), allowed
 
@@ -165,12 +169,14 @@ def compare(
     loaded, model, test: dict, batch: int, reference, base_metrics: dict, plan: dict | None = None
 ) -> list[dict]:
     """Rows of every method at each density, the gate at each threshold, the oracle cover at each mass
-    (``plan`` overrides ``densities``, ``methods``, ``thresholds``, ``covers``)."""
+    and the gate's own cover at each mass (``plan`` overrides ``densities``, ``methods``, ``thresholds``,
+    ``covers``, ``gate_covers``)."""
     plan = {
         "densities": DENSITIES,
         "methods": METHODS,
         "thresholds": THRESHOLDS,
         "covers": COVERS,
+        "gate_covers": COVERS,
         **(plan or {}),
     }
     data = Batches(_batches(test, batch), None, "builtin-long", test["input_ids"].shape[0])
@@ -184,9 +190,10 @@ def compare(
     for t in plan["thresholds"]:  # the variable budgets
         set_density(model, None, t)
         rows.append(_evaluate_row(*args, threshold=t, method="seer"))
-    for m in plan["covers"]:
-        use_method(model, "cover", m)
-        rows.append(_evaluate_row(*args, mass=m, method="cover"))
+    for method in ("cover", "gate_cover"):
+        for m in plan[method + "s"]:
+            use_method(model, method, m)
+            rows.append(_evaluate_row(*args, mass=m, method=method))
     use_method(model, "seer")
     set_density(model, 0.5)
     return rows
@@ -231,7 +238,12 @@ def set_dropped(model, value: str | None):
     return value
 
 
-QUICK = {"densities": (0.5,), "methods": ("seer", "oracle", "oracle_mass", "random"), "covers": (0.8, 0.85)}
+QUICK = {
+    "densities": (0.5,),
+    "methods": ("seer", "oracle", "oracle_mass", "random"),
+    "covers": (0.8, 0.85),
+    "gate_covers": (0.8, 0.85, 0.9),
+}
 
 
 def minilm(args, save_part) -> None:

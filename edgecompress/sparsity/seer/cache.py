@@ -15,8 +15,22 @@ Choices: the targets come from the model in eval mode (dropout off: the gate lea
 that inference sees; the live path of the pass ran the model in train mode). A cache that passes
 :data:`LIMIT_BYTES` stops growing: the pass then trains through the live model (and calibrates a
 threshold on the samples cached).
-Sizes measured: demo:minilm, 512 tokens, 6 layers of 12 heads of 32 dims: 0.66 MB a sample at
-block 32, 1.5 MB at block 16.
+Measured on demo:minilm (512-token windows of the built-in texts, 6 layers of 12 heads of 32 dims;
+xeon-amx, 2 cores shared, load 4-6; ``benchmarks/seer_gate_curve.py`` and ``benchmarks/seer.py
+--parts minilm``, results ``benchmarks/results/seer-xeon-amx-2026-12-06.json``):
+
+* size: 0.66 MB a sample at block 32, 1.5 MB at block 16 (178 training windows: 118 / 263 MB),
+  built in 140-155 s (one eval-mode pass of the model);
+* speed: 2000 steps of 8 samples in 14 s (block 32) / 31 s (block 16) on one thread (see
+  :func:`one_thread`), the whole pass
+  (cache, training, held-out KL, report) 118 / 159 s; through the live model the same pass took
+  1859 s for 60 steps (loaded machine, two threads);
+* the held-out KL (20 test windows) levels off by 2000 steps at AdamW lr 1e-3, batch 8, cosine
+  schedule: block 32 0.645 after 2000-3000 steps (lr 3e-4: 0.650, 3e-3: 0.661 — lower training
+  KL, higher held-out: over-fitting the 23 distinct training windows), block 16 0.804 / 0.803
+  (3e-4: 0.814, 3e-3: 0.809); weight decay 0.1 changes nothing. The recipe ``seer_d50`` uses
+  2000 steps of 8 at 1e-3 (the steps and lr were picked on these test windows' KL; the embedding
+  cosines reported were not used to pick anything).
 
 :func:`calibrate_threshold` (the pass's ``rule: threshold``) picks one threshold on the gate
 probabilities of the training samples so that the mean kept fraction of the allowed blocks, forced
@@ -44,8 +58,10 @@ FIELDS = ("q", "k", "truth", "rows", "pos")
 
 @contextlib.contextmanager
 def one_thread(device: torch.device):
-    """Context: on the CPU, torch ops run on one thread (a cached step is a few small einsums, which a
-    second thread slows on a loaded machine); the thread count is restored."""
+    """Context: on the CPU, torch ops run on one thread; the thread count is restored. A cached step is
+    a few small einsums: measured (block 32, batch 8, alternated) 121 steps/s on one thread vs 137 on
+    two on the idle 2-core machine, but 70-110 vs 4.5-7.4 at nice 19 beside other jobs (load 4-5),
+    where the second thread waits to be scheduled (``seer_gate_curve.py --thread-check``)."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
