@@ -27,7 +27,7 @@ Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs 
   a static local + global pattern, the oracle top-k of the true pooled probabilities, and random
   blocks; the gates at the calibrated and fixed thresholds; the oracle cover (``--quick``: density
   0.5, the calibrated threshold, cover 0.8/0.85). ``--dropped V`` sets each core's ``dropped``
-  where the cores have it (the dropped-block estimate). Part ``minilm-block<B>[-dropped-V]``.
+  where the cores have it (the dropped-block estimate). Part ``minilm-block<B>[-stride<S>][-dropped-V]``.
 * ``lm`` — the same comparison on a small Llama-style causal LM trained on the built-in text by
   ``benchmarks/seer_lm.py`` (``--lm-dir``), as perplexity at 1024 and 2048 tokens.
 """

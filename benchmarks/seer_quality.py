@@ -272,7 +272,8 @@ def minilm(args, save_part) -> None:
     rows = compare(loaded, model, test, 8, reference, base_metrics, plan)
     extra.update(tokens=512, train_texts=int(train["input_ids"].shape[0]), train_stride=args.train_stride,
                  test_texts=int(test["input_ids"].shape[0]))  # fmt: skip
-    part = f"minilm-block{args.block}" + (f"-dropped-{args.dropped}" if args.dropped else "")
+    part = f"minilm-block{args.block}" + (f"-stride{args.train_stride}" if args.train_stride else "")
+    part += f"-dropped-{args.dropped}" if args.dropped else ""
     path = save_part(args.out, part, rows, extra)
     png = seer_heatmap_png(
         extra["heatmap"], f"demo:minilm 512 tokens, {extra['heatmap']['layer']}: gate vs truth"
