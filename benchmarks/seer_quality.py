@@ -226,8 +226,8 @@ def train_gates(loaded, train: dict, test: dict, block: int, steps: int, batch: 
 
 
 def set_dropped(model, value: str | None):
-    """The hook for the dropped-block estimate (``core.dropped``, not in this tree): set it on every
-    core that has the attribute; returns what was set, or why not."""
+    """The hook for the dropped-block estimate (the cores' ``dropped`` option, absent before it was
+    merged): set it on every core that has the attribute; returns what was set, or why not."""
     if value is None:
         return None
     cores = [a.core for _, a in adapters(model)]
