@@ -7,8 +7,8 @@ Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs 
 * ``speed`` — the core's CPU form (float32: the C++ kernel, :mod:`edgecompress.sparsity.seer.cpp`,
   built before timing; other dtypes: the batched kept-block matmuls,
   :mod:`edgecompress.sparsity.seer.tiled`) against PyTorch SDPA (dense, its fused CPU kernel) in the
-  same dtype (``--dtype``, float32 by default) at 4k/8k/16k tokens (``--lengths``), 8 heads, head dim
-  64, batch 1, densities 1.0/0.5/0.3/0.1 (per-row top-k of random scores, diagonal and first block
+  same dtype (``--dtype``, float32 by default) at 4k/8k/16k tokens (``--lengths``), 8 heads
+  (``--heads``: the rows of each head count are kept side by side), head dim 64, batch 1, densities 1.0/0.5/0.3/0.1 (per-row top-k of random scores, diagonal and first block
   forced, decoders' last 2 rows dense), causal and not. Each configuration alternates dense and
   sparse calls in one process (``--reps`` each after a warm-up) and reports the ratio of medians and
   each side's FLOP rate (kept blocks' FLOPs for the sparse side). At density 1.0 the core runs SDPA
@@ -19,11 +19,15 @@ Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs 
   kernel, the tiled form, the gathered form and FlexAttention compiled for the CPU
   (:mod:`edgecompress.sparsity.seer.flex`), each over SDPA, alternated in one process (which form
   the core uses).
-* ``minilm`` — demo:minilm at 512 tokens (built-in texts concatenated): gates trained by the pass
-  on the train texts (held-out KL before/after), then mean embedding cosine and nearest-neighbour
-  agreement to the dense model on the test texts at densities 0.5/0.3/0.1 for the trained gates
-  and, at the same per-row budgets and forced blocks, a static local + global pattern, the oracle
-  top-k of the true pooled probabilities, and random blocks.
+* ``minilm`` — demo:minilm at 512 tokens (built-in texts concatenated): gates at ``--block`` (32)
+  trained by the pass on the train texts (windows every ``--train-stride`` tokens; held-out KL
+  before/after), their threshold calibrated to density 0.5 on the train windows, then mean
+  embedding cosine and nearest-neighbour agreement to the dense model on the test texts at
+  densities 0.5/0.3/0.1 for the trained gates and, at the same per-row budgets and forced blocks,
+  a static local + global pattern, the oracle top-k of the true pooled probabilities, and random
+  blocks; the gates at the calibrated and fixed thresholds; the oracle cover (``--quick``: density
+  0.5, the calibrated threshold, cover 0.8/0.85). ``--dropped V`` sets each core's ``dropped``
+  where the cores have it (the dropped-block estimate). Part ``minilm-block<B>[-stride<S>][-dropped-V]``.
 * ``lm`` — the same comparison on a small Llama-style causal LM trained on the built-in text by
   ``benchmarks/seer_lm.py`` (``--lm-dir``), as perplexity at 1024 and 2048 tokens.
 """
@@ -69,6 +73,17 @@ def _args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--minilm-steps", type=int, default=60)
+    p.add_argument(
+        "--minilm-lr", type=float, default=None, help="minilm: the gates' lr (default: the pass's)"
+    )
+    p.add_argument("--block", type=int, default=32, help="minilm: the gates' block size")
+    p.add_argument("--train-stride", type=int, default=None,
+                   help="minilm: a train window starts every N tokens (default: disjoint windows)")  # fmt: skip
+    p.add_argument(
+        "--quick", action="store_true", help="minilm: density 0.5 and the calibrated threshold only"
+    )
+    p.add_argument("--dropped", default=None,
+                   help="minilm: set each core's `dropped` (e.g. mean) where the cores have it")  # fmt: skip
     p.add_argument("--lm-dir", type=Path, default=Path("/tmp/seer-lm"))
     p.add_argument("--lm-steps", type=int, default=40)
     p.add_argument("--out", type=Path, default=OUT)
@@ -234,11 +249,18 @@ def speed_png(rows: list[dict], path: Path) -> None:
         return
     fig = Figure(figsize=(10, 4), layout="constrained")
     for ax, causal in zip(fig.subplots(1, 2), (False, True), strict=True):
-        for n in sorted({r["tokens"] for r in rows}):
+        for n, h in sorted({(r["tokens"], r.get("heads", 8)) for r in rows}):
             pts = sorted(
-                (r["kept"], r["speedup"]) for r in rows if r["tokens"] == n and r["causal"] == causal
+                (r["kept"], r["speedup"])
+                for r in rows
+                if (r["tokens"], r.get("heads", 8)) == (n, h) and r["causal"] == causal
             )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{n} tokens")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "o-" if h == 8 else "s--",
+                label=f"{n} tokens, {h} heads",
+            )
         xs = [i / 100 for i in range(8, 101)]
         ax.plot(xs, [0.8 / x for x in xs], "k--", lw=0.8, label="goal 0.8 / density")
         ax.plot(xs, [1 / x for x in xs], "k:", lw=0.8, label="1 / density")
@@ -259,7 +281,11 @@ def main(argv=None):
         part += "" if args.threads == 2 else f"-threads{args.threads}"
         method = {"method": f"alternating, median of {args.reps} after a warm-up"}
         path = save_part(
-            args.out, part, speed(args), method, key=lambda r: (r["tokens"], r["causal"], r["density"])
+            args.out,
+            part,
+            speed(args),
+            method,
+            key=lambda r: (r["tokens"], r["causal"], r["density"], r.get("heads", 8)),
         )
         rows = json.loads(path.read_text())["parts"][part]["rows"]
         speed_png(rows, path.with_name(f"{path.stem}-{part}.png"))

@@ -19,7 +19,9 @@ Beyond the per-row budget (the ``density`` rule), rows whose budget varies per r
 * ``seer`` at ``threshold`` t (the paper's inference rule: blocks whose gate probability exceeds t);
 * ``cover`` at mass m — the oracle with a variable budget: per row the fewest blocks holding a
   fraction m of the true attention mass (the diagnosis of 2026-12-06: at equal kept fractions it
-  beats every per-row top-k, which the fixed budget, not the block choice, limits).
+  beats every per-row top-k, which the fixed budget, not the block choice, limits);
+* ``gate_cover`` at mass m — the same rule on the trained gate's probabilities (not the paper's
+  rule: a measurement of how much of the oracle's variable budget the gate can reach).
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def use_method(model, method: str, cover: float | None = None) -> None:
                 )
                 if method == "cover":
                     return _cover(_block_mass(self, q, k, valid), allowed, forced, cover), allowed
+                if method == "gate_cover":
+                    return _cover(logits.float().softmax(-1), allowed, forced, cover), allowed
                 scores = _scores(self, method, q, k, valid, positions).expand_as(logits)
                 return select_blocks(scores, allowed, forced, self.density, self.threshold), allowed
 
@@ -125,12 +129,14 @@ def token_stream(tokenizer, split: str) -> list[int]:
     return [t for row in ids for t in row]
 
 
-def windows(ids: list[int], length: int, count: int, cls=None, sep=None) -> dict:
-    """``count`` consecutive windows of ``length`` tokens (with [CLS]/[SEP] for an encoder)."""
+def windows(ids: list[int], length: int, count: int, cls=None, sep=None, stride: int | None = None) -> dict:
+    """Up to ``count`` windows of ``length`` tokens (with [CLS]/[SEP] for an encoder) starting every
+    ``stride`` tokens (default: consecutive, disjoint windows)."""
     inner = length - (2 if cls is not None else 0)
+    step = stride or inner
     rows = []
     for i in range(count):
-        chunk = ids[i * inner : (i + 1) * inner]
+        chunk = ids[i * step : i * step + inner]
         if len(chunk) < inner:
             break
         rows.append(([cls] if cls is not None else []) + chunk + ([sep] if sep is not None else []))
@@ -159,39 +165,121 @@ def _evaluate_row(loaded, model, data, reference, base_metrics, **row) -> dict:
     return row
 
 
-def compare(loaded, model, test: dict, batch: int, reference, base_metrics: dict) -> list[dict]:
+def compare(
+    loaded, model, test: dict, batch: int, reference, base_metrics: dict, plan: dict | None = None
+) -> list[dict]:
+    """Rows of every method at each density, the gate at each threshold, the oracle cover at each mass
+    and the gate's own cover at each mass (``plan`` overrides ``densities``, ``methods``, ``thresholds``,
+    ``covers``, ``gate_covers``)."""
+    plan = {
+        "densities": DENSITIES,
+        "methods": METHODS,
+        "thresholds": THRESHOLDS,
+        "covers": COVERS,
+        "gate_covers": COVERS,
+        **(plan or {}),
+    }
     data = Batches(_batches(test, batch), None, "builtin-long", test["input_ids"].shape[0])
     args, rows = (loaded, model, data, reference, base_metrics), []
-    for density in DENSITIES:
+    for density in plan["densities"]:
         set_density(model, density)
-        for method in METHODS:
+        for method in plan["methods"]:
             use_method(model, method)
             rows.append(_evaluate_row(*args, density=density, method=method))
     use_method(model, "seer")
-    for t in THRESHOLDS:  # the variable budgets
+    for t in plan["thresholds"]:  # the variable budgets
         set_density(model, None, t)
         rows.append(_evaluate_row(*args, threshold=t, method="seer"))
-    for m in COVERS:
-        use_method(model, "cover", m)
-        rows.append(_evaluate_row(*args, mass=m, method="cover"))
+    for method in ("cover", "gate_cover"):
+        for m in plan[method + "s"]:
+            use_method(model, method, m)
+            rows.append(_evaluate_row(*args, mass=m, method=method))
     use_method(model, "seer")
     set_density(model, 0.5)
     return rows
 
 
-def train_gates(loaded, train: dict, test: dict, block: int, steps: int, batch: int):
+def train_gates(loaded, train: dict, test: dict, block: int, steps: int, batch: int, lr: float | None = None,
+                rule: str = "topk"):  # fmt: skip
+    """The pass on a copy of the model (density 0.5; ``rule: threshold`` calibrates its threshold on ``train``)."""
     sets = {"train": SampleSet(train, None, batch), "eval": SampleSet(test, None, batch)}
     ctx = make_context(
         [sets["eval"].batch(slice(0, 1))], loaded.call, torch.device("cpu"), kind=loaded.kind,
-        data=lambda s: sets[s], train=TrainConfig(steps=steps, batch_size=batch, warmup_steps=max(1, steps // 10), log_every=1),
+        data=lambda s: sets[s], train=TrainConfig(steps=steps, batch_size=batch, warmup_steps=max(1, steps // 20), log_every=max(1, steps // 50)),
     )  # fmt: skip
-    passes = recipe_from_dict({"passes": [{"pass": "seer_attention", "block": block, "density": 0.5}]}).passes
+    entry = {
+        "pass": "seer_attention",
+        "block": block,
+        "density": 0.5,
+        "rule": rule,
+        **({"lr": lr} if lr else {}),
+    }
+    passes = recipe_from_dict({"passes": [entry]}).passes
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, records = run(copy.deepcopy(loaded.model), passes, ctx)
     info = records[0]["info"]
     return model, {"train_seconds": round(time.perf_counter() - t0, 1), "kl_held_out": info["seer"]["kl_held_out"],
-                   "losses": info["training"]["losses"], "heatmap": info["seer"]["heatmap"], "block": block, "steps": steps}  # fmt: skip
+                   "losses": info["training"]["losses"], "heatmap": info["seer"]["heatmap"], "block": block, "steps": steps,
+                   "lr": info["training"]["lr"], "cached": info["training"]["cached"],
+                   "calibrated": info["training"].get("calibrated"), "fit_seconds": info["training"]["seconds"]}  # fmt: skip
+
+
+def set_dropped(model, value: str | None):
+    """The hook for the dropped-block estimate (the cores' ``dropped`` option, absent before it was
+    merged): set it on every core that has the attribute; returns what was set, or why not."""
+    if value is None:
+        return None
+    cores = [a.core for _, a in adapters(model)]
+    if not all(hasattr(c, "dropped") for c in cores):
+        return f"unavailable: the cores have no 'dropped' attribute ({value!r} not applied)"
+    for c in cores:
+        c.dropped = value
+    return value
+
+
+QUICK = {
+    "densities": (0.5,),
+    "methods": ("seer", "oracle", "oracle_mass", "random"),
+    "covers": (0.8, 0.85),
+    "gate_covers": (0.8, 0.85, 0.9),
+}
+
+
+def minilm(args, save_part) -> None:
+    """The ``minilm`` part: gates at ``--block`` trained on the train windows (``--train-stride``),
+    their threshold calibrated to density 0.5 on them; rows on the disjoint test windows."""
+    from transformers import AutoTokenizer
+
+    from edgecompress.report import seer_heatmap_png
+
+    loaded = load_model("demo:minilm")
+    tok = AutoTokenizer.from_pretrained(loaded.tokenizer_dir, local_files_only=True)
+    specials = (tok.cls_token_id, tok.sep_token_id)
+    train = windows(token_stream(tok, "train"), 512, 10**6, *specials, stride=args.train_stride)
+    test = windows(token_stream(tok, "test"), 512, 32, *specials)
+    data = Batches(_batches(test, 8), None, "builtin-long", test["input_ids"].shape[0])
+    base_metrics, reference = evaluate(loaded, loaded.model, data)
+    model, extra = train_gates(
+        loaded, train, test, args.block, args.minilm_steps, 8, args.minilm_lr, "threshold"
+    )
+    extra["dropped"] = set_dropped(model, args.dropped)
+    t_cal = extra["calibrated"]["threshold"]
+    scale = args.block / 32  # the fixed thresholds were set for 16 key blocks (block 32)
+    plan = {"thresholds": (t_cal, *(round(t * scale, 4) for t in THRESHOLDS))}
+    if args.quick:
+        plan.update(QUICK, thresholds=(t_cal,))
+    rows = compare(loaded, model, test, 8, reference, base_metrics, plan)
+    extra.update(tokens=512, train_texts=int(train["input_ids"].shape[0]), train_stride=args.train_stride,
+                 test_texts=int(test["input_ids"].shape[0]))  # fmt: skip
+    part = f"minilm-block{args.block}" + (f"-stride{args.train_stride}" if args.train_stride else "")
+    part += f"-dropped-{args.dropped}" if args.dropped else ""
+    path = save_part(args.out, part, rows, extra)
+    png = seer_heatmap_png(
+        extra["heatmap"], f"demo:minilm 512 tokens, {extra['heatmap']['layer']}: gate vs truth"
+    )
+    if png:
+        path.with_name(f"{path.stem}-{part}-heatmap.png").write_bytes(png)
 
 
 def run_quality(args, save_part) -> None:
@@ -200,25 +288,7 @@ def run_quality(args, save_part) -> None:
     from edgecompress.report import seer_heatmap_png
 
     if "minilm" in args.parts:
-        loaded = load_model("demo:minilm")
-        tok = AutoTokenizer.from_pretrained(loaded.tokenizer_dir, local_files_only=True)
-        train = windows(token_stream(tok, "train"), 512, 48, tok.cls_token_id, tok.sep_token_id)
-        test = windows(token_stream(tok, "test"), 512, 32, tok.cls_token_id, tok.sep_token_id)
-        data = Batches(_batches(test, 8), None, "builtin-long", test["input_ids"].shape[0])
-        base_metrics, reference = evaluate(loaded, loaded.model, data)
-        model, extra = train_gates(loaded, train, test, 32, args.minilm_steps, 8)
-        rows = compare(loaded, model, test, 8, reference, base_metrics)
-        extra.update(
-            tokens=512,
-            train_texts=int(train["input_ids"].shape[0]),
-            test_texts=int(test["input_ids"].shape[0]),
-        )
-        path = save_part(args.out, "minilm", rows, extra)
-        png = seer_heatmap_png(
-            extra["heatmap"], f"demo:minilm 512 tokens, {extra['heatmap']['layer']}: gate vs truth"
-        )
-        if png:
-            path.with_name(path.stem + "-minilm-heatmap.png").write_bytes(png)
+        minilm(args, save_part)
     if "lm" in args.parts:
         lm_dir = Path(args.lm_dir)
         loaded = load_model(f"hf:{lm_dir}")

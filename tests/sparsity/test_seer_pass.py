@@ -198,6 +198,7 @@ BAD = {
     "density 0": ("passes: [{pass: seer_attention, density: 0}]", "passes[0]: density must be in (0, 1] or null, got 0"),
     "density 1.5": ("passes: [{pass: seer_attention, density: 1.5}]", "density must be in (0, 1] or null, got 1.5"),
     "block 48": ("passes: [{pass: seer_attention, block: 48}]", "block must be one of (16, 32, 64, 128), got 48"),
+    "rule": ("passes: [{pass: seer_attention, rule: cover}]", "rule must be one of ('topk', 'threshold'), got 'cover'"),
     "both rules": (
         "passes: [{pass: seer_attention, threshold: 0.002}]",
         "set exactly one of density and threshold (got density=0.5, threshold=0.002; density: null selects",

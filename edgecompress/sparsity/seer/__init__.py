@@ -14,10 +14,13 @@ Hugging Face encoders, ViTs and Llama-style decoders, without forking modeling c
   them data-parallel): the base model is frozen and runs densely, the target is the block-max of
   each layer's softmax, row-normalised (:func:`.execute.pooled_truth`; the Triton kernel
   ``attention_with_pooled_probs`` on CUDA), the loss KL(truth ‖ gate) summed over layers
-  (:mod:`.losses`); AdamW at ``lr`` 1e-3 as the paper;
-* at inference the kept blocks come from ``density`` (per-row top-k) or ``threshold`` with forced
-  blocks (:mod:`.masks`) and run in one of six forms (:mod:`.execute`): the masked-dense
-  reference, a C++ kernel on CPU built at first use (:mod:`.cpp`, the default there for float32),
+  (:mod:`.losses`); AdamW at ``lr`` 1e-3 as the paper. The gates' pooled inputs and targets are
+  computed once per training sample and the steps run on that cache (:mod:`.cache`; the live model
+  when it passes 4 GiB);
+* at inference the kept blocks come from ``density`` (``rule: topk``, per-row top-k; ``rule:
+  threshold``, one threshold calibrated on the training samples so that the mean kept fraction is
+  ``density``) or a fixed ``threshold`` with forced blocks (:mod:`.masks`) and run in one of six
+  forms (:mod:`.execute`): the masked-dense reference, a C++ kernel on CPU built at first use (:mod:`.cpp`, the default there for float32),
   the batched kept-block matmuls (:mod:`.tiled`: other dtypes, no compiler), FlexAttention compiled
   for the CPU (:mod:`.flex`, on request), the gathered CPU form (a model bias), the Triton kernel on
   CUDA; dense SDPA below ``min_seq_len`` tokens.

@@ -133,6 +133,7 @@ class AttnGate(nn.Module):
         # RoPE models: the model's inverse frequencies (saved: restore needs no model code)
         self.register_buffer("inv_freq", torch.zeros(rope_dims // 2))
         self.rope_scaling = 1.0
+        self.keep_pooled, self.pooled = False, None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -150,31 +151,49 @@ class AttnGate(nn.Module):
     def uses_rope(self) -> bool:
         return self.inv_freq.numel() > 0
 
-    def project(self, q, k, valid, positions):
-        """Projected blocks ``qp [B, H, nb, G]``, ``kp [B, Hkv, nb, G]`` (RoPE at block positions)."""
-        w = self.q_weight
-        qp = torch.einsum("bhnd,hdg->bhng", pool_blocks(q.to(w.dtype), self.block, valid, ("avg",)), w)
-        kp = torch.einsum(
-            "bhnd,hdg->bhng", pool_blocks(k.to(w.dtype), self.block, valid, K_POOLS), self.k_weight
+    def pool(self, q, k, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled blocks in the gate's dtype: ``qa [B, H, nb, D]`` (average), ``kb [B, Hkv, nb, 3D]`` (max, min, average)."""
+        dt = self.q_weight.dtype
+        return pool_blocks(q.to(dt), self.block, valid, ("avg",)), pool_blocks(
+            k.to(dt), self.block, valid, K_POOLS
         )
+
+    def project_pooled(self, qa, kb, pos):
+        """Projected blocks from pooled ones; ``pos`` ``[B, nb]`` block positions (RoPE models only)."""
+        qp = torch.einsum("bhnd,hdg->bhng", qa, self.q_weight)
+        kp = torch.einsum("bhnd,hdg->bhng", kb, self.k_weight)
         if self.uses_rope:
-            pos = positions[:, :: self.block]  # [B, nb]: each block's first token
             qp, kp = rope(qp, pos, self.inv_freq), rope(kp, pos, self.inv_freq)
         return qp, kp
 
+    def project(self, q, k, valid, positions):
+        """Projected blocks ``qp [B, H, nb, G]``, ``kp [B, Hkv, nb, G]`` (RoPE at block positions)."""
+        pos = positions[:, :: self.block] if self.uses_rope else None  # [B, nb]: each block's first token
+        return self.project_pooled(*self.pool(q, k, valid), pos)
+
+    def logits(self, qa, kb, pos, allowed) -> torch.Tensor:
+        """Masked logits from pooled blocks (what :meth:`pool` returns): the trainable part of the gate."""
+        return scores(*self.project_pooled(qa, kb, pos), allowed)
+
     def forward(self, q, k, valid=None, positions=None, causal: bool = False):
         """Logits ``[B, H, nb, nb]`` and ``allowed`` ``[B|1, 1, nb, nb]``. ``q``/``k`` are the attention's
-        inputs; for RoPE models they are un-rotated first (the gate pools pre-RoPE Q and K, as the paper)."""
+        inputs; for RoPE models they are un-rotated first (the gate pools pre-RoPE Q and K, as the paper).
+        With ``keep_pooled`` set, the pooled blocks and block positions stay in ``pooled`` (the
+        training cache of :mod:`.cache` reads them)."""
         b, _, n, _ = q.shape
+        pos = None
         if self.uses_rope:
             positions = token_positions(positions, b, n, q.device)
             q = rope(q, positions, self.inv_freq, self.rope_scaling, inverse=True)
             k = rope(k, positions, self.inv_freq, self.rope_scaling, inverse=True)
-        qp, kp = self.project(q, k, valid, positions)
+            pos = positions[:, :: self.block]
+        qa, kb = self.pool(q, k, valid)
+        if self.keep_pooled:
+            self.pooled = (qa, kb, pos)
         allowed = allowed_blocks(
             num_blocks(n, self.block), causal, block_valid(valid, n, self.block), q.device
         )
-        return scores(qp, kp, allowed), allowed
+        return self.logits(qa, kb, pos, allowed), allowed
 
     def extra_repr(self) -> str:
         rope_txt = f", rope {2 * self.inv_freq.numel()} dims" if self.uses_rope else ""

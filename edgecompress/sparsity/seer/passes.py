@@ -14,6 +14,14 @@ from edgecompress.errors import UserError
 from edgecompress.models.attention import adapters, explicit_attention_
 from edgecompress.models.targeting import matches
 from edgecompress.pipeline import Context, register_pass
+from edgecompress.sparsity.seer.cache import (
+    CachedObjective,
+    build_cache,
+    calibrate_threshold,
+    collecting,
+    one_thread,
+    samples,
+)
 from edgecompress.sparsity.seer.core import FORMS, SeerAttentionCore
 from edgecompress.sparsity.seer.dropped import DROPPED
 from edgecompress.sparsity.seer.losses import layer_kl, total_loss
@@ -22,6 +30,7 @@ from edgecompress.structure import replace_module
 from edgecompress.train import fit
 
 BLOCKS = (16, 32, 64, 128)
+RULES = ("topk", "threshold")
 AFTER_QUANT = (
     "the gates would train on quantized activations and the core would bypass the softmax quantizer: "
     "put uniform_ptq after seer_attention (it then quantizes q, k, v around the sparse core)"
@@ -100,6 +109,7 @@ class SeerAttention:
 
     block: int = 64
     density: float | None = 0.5
+    rule: str = "topk"
     threshold: float | None = None
     gate_dim: int | None = None
     keep_diagonal: bool = True
@@ -119,6 +129,7 @@ class SeerAttention:
         checks = [
             ("block", self.block in BLOCKS, f"one of {BLOCKS}"),
             ("density", self.density is None or (_num(self.density) and 0 < self.density <= 1), "in (0, 1] or null"),
+            ("rule", self.rule in RULES, f"one of {RULES}"),
             ("threshold", self.threshold is None or (_num(self.threshold) and 0 <= self.threshold < 1),
              "in [0, 1) or null"),
             ("gate_dim", self.gate_dim is None or (isinstance(self.gate_dim, int) and self.gate_dim >= 1),
@@ -147,13 +158,23 @@ class SeerAttention:
             )
         cores = self._install(model, sites)
         kl_before = held_out_kl(model, cores, ctx, self.skip_first_rows)
-        trained = self._train(model, cores, ctx)
+        trained, cache = self._train(model, cores, ctx)
+        if self.rule == "threshold" and self.density is not None:
+            t, kept = calibrate_threshold(list(cores.values()), cache, self.density)
+            for c in cores.values():
+                c.density, c.threshold = None, t
+            trained["calibrated"] = {"threshold": t, "kept_train": round(kept, 4), "samples": samples(cache)}
         kl_after = held_out_kl(model, cores, ctx, self.skip_first_rows)
         ctx.info["seer"] = seer_report(model, cores, ctx, {"before": kl_before, "after": kl_after})
         ctx.info["training"] = trained
         ctx.notes.append(
             f"{len(cores)} attentions with AttnGates (block {self.block}); held-out KL(truth ‖ gate) "
             f"{kl_before:.4f} → {kl_after:.4f}; kept {ctx.info['seer']['density']:.3f} of the blocks (eval data)"
+            + (
+                f"; threshold {trained['calibrated']['threshold']:.4g} (calibrated)"
+                if "calibrated" in trained
+                else ""
+            )
         )
         return model
 
@@ -178,18 +199,39 @@ class SeerAttention:
             cores[s.name] = replace_module(model, f"{s.name}.ec_attn.core", core.to(dev))
         return cores
 
-    def _train(self, model: nn.Module, cores: dict, ctx: Context) -> dict:
+    def _train(self, model: nn.Module, cores: dict, ctx: Context):
+        """Train the gates: from the cache of their inputs and targets (:mod:`.cache`) when it fits in
+        memory, else through the live model. Returns the training record and the cache."""
         cfg = ctx.train.override(steps=self.steps, lr=self.lr, batch_size=self.batch_size)
-        objective = _Objective(model, list(cores.values()), ctx.call, self.skip_first_rows)
-        objective.train(model.training)  # fit restores the wrapper's mode, and with it the model's
-        params = [p for c in cores.values() for p in c.gate.parameters()]
-        with collecting(cores.values()):
-            res = fit(objective, lambda m, b: m(b), ctx.batches("train"), cfg, params=params, device=ctx.device,
-                      desc="seer gates")  # fmt: skip
+        mods = list(cores.values())
+        cache, complete = build_cache(model, mods, ctx.batches("train"), ctx.call, cfg.batch_size)
+        params = [p for c in mods for p in c.gate.parameters()]
+        if complete:  # one CPU thread: a cached step is a few small einsums (see .cache.one_thread)
+            objective, data, scope = (
+                CachedObjective(mods, self.skip_first_rows),
+                cache,
+                one_thread(ctx.device),
+            )
+            loss_fn = _cached_loss
+        else:
+            objective, data = _Objective(model, mods, ctx.call, self.skip_first_rows), ctx.batches("train")
+            scope = collecting(mods)
+            objective.train(model.training)  # fit restores the wrapper's mode, and with it the model's
+            loss_fn = _live_loss
+        with scope:
+            res = fit(objective, loss_fn, data, cfg, params=params, device=ctx.device, desc="seer gates")
         return {
             "steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1),
-            "losses": res.losses, "world_size": res.world_size, "lr": cfg.lr,
-        }  # fmt: skip
+            "losses": res.losses, "world_size": res.world_size, "lr": cfg.lr, "cached": complete,
+        }, cache  # fmt: skip
+
+
+def _cached_loss(objective, batch):
+    return objective(batch.inputs)
+
+
+def _live_loss(objective, batch):
+    return objective(batch)
 
 
 class _Objective(nn.Module):
@@ -205,22 +247,6 @@ class _Objective(nn.Module):
     def forward(self, batch) -> torch.Tensor:
         self.call(self.model, batch)
         return total_loss(self.cores, self.skip_first)
-
-
-class collecting:
-    """Context: the cores return dense attention and keep their gate logits and targets."""
-
-    def __init__(self, cores):
-        self.cores = list(cores)
-
-    def __enter__(self):
-        for c in self.cores:
-            c.collect = True
-        return self.cores
-
-    def __exit__(self, *exc):
-        for c in self.cores:
-            c.collect, c.last = False, None
 
 
 @torch.no_grad()
