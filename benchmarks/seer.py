@@ -29,7 +29,8 @@ Parts (rows merged into ``benchmarks/results/seer-<machine>-<date>.json``; PNGs 
   0.5, the calibrated threshold, cover 0.8/0.85). ``--dropped V`` sets each core's ``dropped``
   where the cores have it (the dropped-block estimate). Part ``minilm-block<B>[-stride<S>][-dropped-V]``.
 * ``lm`` — the same comparison on a small Llama-style causal LM trained on the built-in text by
-  ``benchmarks/seer_lm.py`` (``--lm-dir``), as perplexity at 1024 and 2048 tokens.
+  ``benchmarks/seer_lm.py`` (``--lm-dir``), as perplexity at 1024 and 2048 tokens (blocks of 64,
+  ``--lm-steps`` cached gate steps; ``--dropped V`` as above, part ``lm[-dropped-V]``).
 """
 
 from __future__ import annotations

@@ -305,9 +305,9 @@ def run_quality(args, save_part) -> None:
             base_metrics, reference = evaluate(loaded, loaded.model, data)
             if model is None:
                 model, gates = train_gates(loaded, train, windows(ids["test"], 1024, 4), 64, args.lm_steps, 2)
-                extra.update(gates)
+                extra.update(gates, dropped=set_dropped(model, args.dropped))
             rows += [{"tokens": length, **r} for r in compare(loaded, model, test, 2, None, base_metrics)]
-        path = save_part(args.out, "lm", rows, extra)
+        path = save_part(args.out, "lm" + (f"-dropped-{args.dropped}" if args.dropped else ""), rows, extra)
         png = seer_heatmap_png(
             extra["heatmap"], f"Llama-style LM, {extra['heatmap']['layer']}: gate vs truth"
         )
