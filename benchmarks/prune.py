@@ -26,8 +26,9 @@ Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, 
 * ``additivity`` — RD-prune's premise on our curves (activation, lstsq): the sum of single-group
   distortions vs the measured joint distortion, for the DP allocation at each budget and for
   ``--random`` random allocations near each budget (correlation and median joint/sum).
-* ``timing`` — MiniLM with the shipped recipe's settings: the seconds of statistics + curves + DP
-  (``prepare`` + the allocation), the acceptance's "under 5 minutes on these 2 cores".
+* ``timing`` — MiniLM with the shipped recipe's settings (plus ``--acceptance-fields``, on ``--calib``
+  texts): the seconds of statistics + curves + DP (``prepare`` + the allocation), the acceptance's
+  "under 5 minutes on these 2 cores".
 * ``acceptance`` — MiniLM at 50 % with closed-form recovery only and ``--acceptance-calib`` texts of
   ``--calib-data`` (benchmarks/prune_calibset.py: the built-in train split, a disjoint stdlib set, or
   both): embedding cosine on the test texts (target ≥ 0.95) and ORT latency vs dense (target ≤ 0.65×),
@@ -254,17 +255,18 @@ def _additivity(s: Setup, rec: str, budget: float, n_random: int, gen) -> dict:
             "random_median_joint_over_sum": statistics.median(j / max(x, 1e-30) for x, j in pairs[1:])}  # fmt: skip
 
 
-def timing_rows(s: Setup) -> list[dict]:
-    """The shipped recipe's plan on MiniLM: statistics + curves (prepare) + the DP, timed."""
+def timing_rows(s: Setup, fields: dict) -> list[dict]:
+    """The shipped recipe's plan on MiniLM (plus ``--acceptance-fields``): statistics + curves (prepare)
+    + the DP, timed."""
     load = os.getloadavg()[0]
-    p = PruneStructured()
+    p = PruneStructured(**fields)
     t0 = time.perf_counter()
     prep = p.prepare(s.loaded.model, s.ctx)
     t1 = time.perf_counter()
     p.allocate(prep.table, prep.curves)
     t2 = time.perf_counter()
     row = {"part": "timing", "model": s.name, "calibration_samples": sum(len(b) for b in s.calib),
-           "curve_points": p.curve_points, "prepare_seconds": round(t1 - t0, 1), "dp_seconds": round(t2 - t1, 3),
+           "curve_points": p.curve_points, **({"fields": fields} if fields else {}), "prepare_seconds": round(t1 - t0, 1), "dp_seconds": round(t2 - t1, 3),
            "total_seconds": round(t2 - t0, 1), "threads": torch.get_num_threads(), "load": [load, os.getloadavg()[0]]}  # fmt: skip
     print(_line(row), flush=True)
     return [row]
@@ -319,7 +321,7 @@ def _model_part(part: str, s: Setup, args) -> list[dict]:
     if part == "dense":  # the unpruned model's metrics (the reference of cosine and NN agreement)
         dense = {k: v for k, v in s.dense.items() if k in ("top1", "cosine_mean")}
         return [{"part": "dense", "model": s.name, **dense}]
-    return timing_rows(s) if s.name == "minilm" else []
+    return timing_rows(s, args.acceptance_fields) if s.name == "minilm" else []
 
 
 def _run_part(part: str, args, cache: dict) -> list[dict]:
