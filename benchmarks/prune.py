@@ -3,6 +3,8 @@
     python benchmarks/prune.py [--parts dense quality tp ft additivity timing acceptance speed]
                                [--models vit-digits minilm] [--importances magnitude taylor activation]
                                [--budgets 0.3 0.5 0.7] [--calib 64] [--ft-steps 100] [--threads 2]
+                               [--calib-data text|stdlib|text+stdlib] [--acceptance-calib 64]
+                               [--acceptance-fields '{"ridge_folds": 4}']
     python benchmarks/prune.py --report [--merge OTHER.json ...]  # table, summary and PNG of the JSON
 
 Untimed parts may run at low priority with ``--out`` elsewhere while a timed part holds the bench
@@ -24,12 +26,15 @@ Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, 
 * ``additivity`` — RD-prune's premise on our curves (activation, lstsq): the sum of single-group
   distortions vs the measured joint distortion, for the DP allocation at each budget and for
   ``--random`` random allocations near each budget (correlation and median joint/sum).
-* ``timing`` — MiniLM with the shipped recipe's settings: the seconds of statistics + curves + DP
-  (``prepare`` + the allocation), the acceptance's "under 5 minutes on these 2 cores".
-* ``acceptance`` — MiniLM at 50 % with closed-form recovery only and ``--acceptance-calib`` texts:
-  embedding cosine (target ≥ 0.95) and ORT latency vs dense (target ≤ 0.65×), alternated in one run.
-  ``acceptance-quality`` (untimed) prunes, measures the cosine and saves the model in a temporary
-  cache, so that a later ``acceptance`` run (under the bench lock) restores it and only times.
+* ``timing`` — MiniLM with the shipped recipe's settings (plus ``--acceptance-fields``, on ``--calib``
+  texts): the seconds of statistics + curves + DP (``prepare`` + the allocation), the acceptance's
+  "under 5 minutes on these 2 cores".
+* ``acceptance`` — MiniLM at 50 % with closed-form recovery only and ``--acceptance-calib`` texts of
+  ``--calib-data`` (benchmarks/prune_calibset.py: the built-in train split, a disjoint stdlib set, or
+  both): embedding cosine on the test texts (target ≥ 0.95) and ORT latency vs dense (target ≤ 0.65×),
+  alternated in one run. ``acceptance-quality`` (untimed) prunes, measures the cosine and saves the
+  model in a temporary cache, so that a later ``acceptance`` run (under the bench lock) restores it
+  and only times (benchmarks/prune_acceptance.py).
 * ``speed`` — benchmarks/prune_speed.py: pruned vs dense latency ratios in PyTorch and ONNX Runtime
   (each pair alternated in one run), and whether a ``latency`` budget lands within 10 % of its target.
 
@@ -46,10 +51,8 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import prune_speed  # noqa: E402
+from benchmarks import prune_calibset, prune_speed  # noqa: E402
 from benchmarks.prune_report import line as _line  # noqa: E402
 from benchmarks.prune_report import merge, plot, summary, table  # noqa: E402
 from benchmarks.prune_tp import tp_at_budget  # noqa: E402
@@ -69,14 +72,13 @@ from edgecompress.bench.env import environment  # noqa: E402
 from edgecompress.calib import make_context  # noqa: E402
 from edgecompress.data.metrics import evaluate, outputs  # noqa: E402
 from edgecompress.data.specs import load_data, load_samples  # noqa: E402
-from edgecompress.models.loading import load_model, restore  # noqa: E402
+from edgecompress.models.loading import load_model  # noqa: E402
 from edgecompress.pipeline import make_teacher  # noqa: E402
 from edgecompress.prune import PruneStructured  # noqa: E402
 from edgecompress.prune.apply import joint_error  # noqa: E402
 from edgecompress.prune.importance import IMPORTANCES as PASS_IMPORTANCES  # noqa: E402
 from edgecompress.prune.importance import kept  # noqa: E402
 from edgecompress.prune.recover import RECOVERIES  # noqa: E402
-from edgecompress.structure import save  # noqa: E402
 from edgecompress.train import TrainConfig, default_loss, fit  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -98,6 +100,7 @@ class Setup:
     dense: dict
     preps: dict = dataclasses.field(default_factory=dict)  # (importance, recovery) → (prepared, seconds)
     train_ref: tuple | None = None  # (all train texts, the dense embeddings): :func:`heldout`
+    calib_data: str | None = None  # the calibration data spec (None: the built-in train split)
 
     def prepare(self, importance: str, recovery: str):
         """The statistics and curves of one (importance, recovery), measured once and reused by every part."""
@@ -108,9 +111,9 @@ class Setup:
         return self.preps[importance, recovery]
 
 
-def setup(name: str, calib_n: int, ft_steps: int) -> Setup:
+def setup(name: str, calib_n: int, ft_steps: int, calib_data: str | None = None) -> Setup:
     loaded = load_model(SPECS[name])
-    calib = list(load_samples(None, loaded, "train", calib_n, 32))
+    calib = list(load_samples(calib_data, loaded, "train", calib_n, 32))
     train = load_samples(None, loaded, "train", 0, FT[name]["batch_size"])
     test = load_data(None, loaded, "test", 0, 64)
     dense, reference = evaluate(loaded, loaded.model, test)
@@ -118,7 +121,7 @@ def setup(name: str, calib_n: int, ft_steps: int) -> Setup:
     data = lambda split: calib if split == "calib" else train  # noqa: E731  (calib: the statistics; train: fine-tuning)
     ctx = make_context(calib, loaded.call, torch.device("cpu"), kind=loaded.kind, train=cfg, data=data)
     ctx = dataclasses.replace(ctx, teacher=make_teacher(loaded.model))
-    return Setup(name, loaded, calib, test, reference, ctx, dense)
+    return Setup(name, loaded, calib, test, reference, ctx, dense, calib_data=calib_data)
 
 
 def _metrics(s: Setup, model) -> dict:
@@ -145,7 +148,7 @@ def _cut(s: Setup, p: PruneStructured, prep) -> tuple[torch.nn.Module, dict]:
 def heldout(s: Setup, model) -> dict:
     """Encoders: the mean embedding cosine on the calibration texts (the first ``--calib`` train texts)
     and on the other train texts — the gap is what the closed-form fits learnt of their few samples."""
-    if s.loaded.kind != "encoder":
+    if s.loaded.kind != "encoder" or s.calib_data is not None:
         return {}
     if s.train_ref is None:
         s.train_ref = (load_data(None, s.loaded, "train", 0, 64), torch.cat(outputs(s.loaded, s.loaded.model, load_data(None, s.loaded, "train", 0, 64))))  # fmt: skip
@@ -252,17 +255,18 @@ def _additivity(s: Setup, rec: str, budget: float, n_random: int, gen) -> dict:
             "random_median_joint_over_sum": statistics.median(j / max(x, 1e-30) for x, j in pairs[1:])}  # fmt: skip
 
 
-def timing_rows(s: Setup) -> list[dict]:
-    """The shipped recipe's plan on MiniLM: statistics + curves (prepare) + the DP, timed."""
+def timing_rows(s: Setup, fields: dict) -> list[dict]:
+    """The shipped recipe's plan on MiniLM (plus ``--acceptance-fields``): statistics + curves (prepare)
+    + the DP, timed."""
     load = os.getloadavg()[0]
-    p = PruneStructured()
+    p = PruneStructured(**fields)
     t0 = time.perf_counter()
     prep = p.prepare(s.loaded.model, s.ctx)
     t1 = time.perf_counter()
     p.allocate(prep.table, prep.curves)
     t2 = time.perf_counter()
     row = {"part": "timing", "model": s.name, "calibration_samples": sum(len(b) for b in s.calib),
-           "curve_points": p.curve_points, "prepare_seconds": round(t1 - t0, 1), "dp_seconds": round(t2 - t1, 3),
+           "curve_points": p.curve_points, **({"fields": fields} if fields else {}), "prepare_seconds": round(t1 - t0, 1), "dp_seconds": round(t2 - t1, 3),
            "total_seconds": round(t2 - t0, 1), "threads": torch.get_num_threads(), "load": [load, os.getloadavg()[0]]}  # fmt: skip
     print(_line(row), flush=True)
     return [row]
@@ -271,7 +275,14 @@ def timing_rows(s: Setup) -> list[dict]:
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", default=["dense", "quality", "tp", "ft", "additivity", "timing", "acceptance", "speed"])  # fmt: skip
-    p.add_argument("--acceptance-calib", type=int, default=64, help="calibration texts of the acceptance row")
+    p.add_argument(
+        "--acceptance-calib", type=int, default=64, help="calibration texts of the acceptance row (0: all)"
+    )
+    p.add_argument(
+        "--acceptance-fields", type=json.loads, default={}, help="JSON: other prune_structured fields"
+    )
+    p.add_argument("--calib-data", default="text", choices=list(prune_calibset.SETS),
+                   help="calibration texts: the built-in train split, the stdlib set, or both (prune_calibset.py)")  # fmt: skip
     p.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--importances", nargs="+", default=list(IMPORTANCES), choices=list(PASS_IMPORTANCES))
     p.add_argument("--recoveries", nargs="+", default=["none", "lstsq"], choices=list(RECOVERIES))
@@ -288,29 +299,6 @@ def _args(argv):
     return p.parse_args(argv)
 
 
-CACHE = Path(tempfile.gettempdir()) / "edgecompress-prune-acceptance"  # the pruned acceptance model
-
-
-def _acceptance_model(calib_n: int, fresh: bool) -> tuple[Setup, torch.nn.Module, dict]:
-    """The acceptance setting on MiniLM: 50 % of the attention + MLP parameters, closed-form recovery
-    only (activation, layer_adaptive, lstsq), ``calib_n`` calibration texts; pruned here, or restored
-    from ``CACHE/<calib_n>`` where an (untimed, low-priority) ``acceptance-quality`` run saved it, so
-    the bench lock is held only for the timing."""
-    s = setup("minilm", calib_n, 0)
-    folder = CACHE / str(calib_n)
-    if fresh:  # an untimed run prunes anew: a cached model may come from older code
-        shutil.rmtree(folder, ignore_errors=True)
-    if (folder / "row.json").is_file():
-        return s, restore(folder).eval(), json.loads((folder / "row.json").read_text())
-    p = PruneStructured(budget={"params": 0.5})
-    model, info = _cut(s, p, p.prepare(s.loaded.model, s.ctx))
-    row = {"model": "minilm", "calibration_samples": calib_n, "budget": 0.5, **_metrics(s, model), **info}
-    if not folder.exists():
-        save(model, folder, {})
-        (folder / "row.json").write_text(json.dumps(row, default=str))
-    return s, model.eval(), row
-
-
 @contextlib.contextmanager
 def _threads(n: int):
     before = torch.get_num_threads()
@@ -319,21 +307,6 @@ def _threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def acceptance_rows(calib_n: int, speed_threads: int, timed: bool = True) -> list[dict]:
-    """The acceptance row: embedding cosine (target ≥ 0.95) and, when ``timed``, the ORT latency ratio
-    (target ≤ 0.65×; batch 8 × 128 tokens, alternated with the dense model)."""
-    s, model, row = _acceptance_model(calib_n, fresh=not timed)
-    row = {**row, "cosine_target_met": row["cosine_mean"] >= 0.95}
-    if not timed:
-        return [{"part": "acceptance_quality", **row}]
-    with _threads(speed_threads):
-        speed = prune_speed._ratio(dataclasses.replace(s.loaded, model=model), s.loaded, "onnxruntime", 8, speed_threads)  # fmt: skip
-    row = {"part": "acceptance", **row, "ort": speed, "speedup": round(1 / speed["ratio"], 3),
-           "latency_target_met": speed["ratio"] <= 0.65}  # fmt: skip
-    print(_line(row), flush=True)
-    return [row]
 
 
 def _model_part(part: str, s: Setup, args) -> list[dict]:
@@ -348,19 +321,21 @@ def _model_part(part: str, s: Setup, args) -> list[dict]:
     if part == "dense":  # the unpruned model's metrics (the reference of cosine and NN agreement)
         dense = {k: v for k, v in s.dense.items() if k in ("top1", "cosine_mean")}
         return [{"part": "dense", "model": s.name, **dense}]
-    return timing_rows(s) if s.name == "minilm" else []
+    return timing_rows(s, args.acceptance_fields) if s.name == "minilm" else []
 
 
 def _run_part(part: str, args, cache: dict) -> list[dict]:
     if part in ("acceptance", "acceptance-quality"):
-        return acceptance_rows(args.acceptance_calib, args.speed_threads, timed=part == "acceptance")
+        from benchmarks.prune_acceptance import acceptance_rows  # it imports this module
+
+        return acceptance_rows(args, timed=part == "acceptance")
     if part == "speed":
         with _threads(args.speed_threads):
             return prune_speed.rows(args.speed_models, args.budgets, args.calib, args.speed_threads)
     rows = []
     for name in args.models:
         if name not in cache:
-            cache[name] = setup(name, args.calib, args.ft_steps)
+            cache[name] = setup(name, args.calib, args.ft_steps, prune_calibset.spec(args.calib_data, name))
         rows += _model_part(part, cache[name], args)
     return rows
 

@@ -17,6 +17,8 @@ KEY = (
     "ft_steps",
     "backend",
     "what",
+    "calibration",
+    "fields",
 )
 SHOWN = ("part", "model", "method", "importance", "recovery", "allocation", "budget", "removed", "top1",
          "cosine_mean", "nn_agreement", "dp_sum", "dp_joint", "random_corr", "total_seconds", "speedup")  # fmt: skip
@@ -80,7 +82,7 @@ def summary(rows: list[dict]) -> dict:
         "ours_minus_torch_pruning": vs_tp,
         "ahead_of_torch_pruning_everywhere": all(v > 0 for v in vs_tp.values()),
         "latency_targets": {r["model"]: r["measured_over_predicted"] for r in rows if r.get("what") == "latency_target"},
-        "acceptance": [{k: r[k] for k in ("calibration_samples", "cosine_mean", "speedup", "cosine_target_met",
+        "acceptance": [{k: r.get(k) for k in ("calibration", "fields", "calibration_samples", "cosine_mean", "speedup", "cosine_target_met",
                                           "latency_target_met")} for r in rows if r["part"] == "acceptance"],
     }  # fmt: skip
 

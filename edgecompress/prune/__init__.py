@@ -34,15 +34,21 @@ Steps (each a pure function on tensors, with plumbing beside it):
    ``recovery``): bias compensation, or layer-by-layer refitting of each pruned group's output
    projection on calibration data with the pruned model's inputs against the dense model's output
    (Kwon et al., NeurIPS 2022): their per-unit scales (``scale``) or the whole kept weight and bias
-   by ridge least squares (``lstsq``); then, with
+   by ridge least squares (``lstsq``; each layer's ridge chosen by held-out error over the
+   calibration samples, and the kept input-side rows first refit against the dense pre-activations
+   — drift correction); then, with
    ``recover_steps``, distillation fine-tuning through :func:`edgecompress.train.fit`.
 
 Fields: ``granularity`` (``heads``, ``mlp``, ``blocks``), ``importance``, ``allocation``, ``budget``
 (one of ``{params: f}``, ``{flops: f}``, ``{latency: f}``, ``0 < f < 1``), ``round_to`` (kept widths
 a multiple of it), ``recovery`` (``none`` | ``bias`` | ``lstsq`` | ``scale``) and ``ridge`` (its strength,
-relative to the mean input energy), ``recover_steps`` / ``recover_lr`` / ``batch_size`` (distillation
+relative to the mean input energy), ``ridge_folds`` (K ≥ 2: each layer's ridge is the one of
+``RIDGE_GRID`` with the least K-fold held-out error; 1: ``ridge`` everywhere), ``recover_inputs``
+(refit the kept q / k / v / fc1 rows before each output projection), ``recover_steps`` / ``recover_lr`` / ``batch_size`` (distillation
 after pruning; the recipe's ``train:`` gives the rest), ``curve_points`` (measured options per group),
 ``curve_folds`` (1: curves measured on the data the recovery is fit on; K: K-fold cross-fitted),
+``curve_samples`` (curves, additivity and the reported output error measured on the first N
+calibration samples — whole batches — while statistics and refits use all of them; 0: all),
 ``latency_points`` / ``latency_batch`` / ``latency_seq`` / ``latency_seconds`` (the ORT table; the
 last also times each correction round), ``latency_rounds`` (whole-model corrections; 0: table only),
 ``targets`` / ``ignore`` (matched against the attention / MLP module names). Refused in one line

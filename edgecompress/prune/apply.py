@@ -18,7 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
-from edgecompress.prune.reconstruct import dense_targets, reconstruct
+from edgecompress.prune.reconstruct import dense_inputs, dense_targets, reconstruct
 from edgecompress.prune.recover import SEQUENTIAL, projection
 from edgecompress.prune.shrink import patched, remove_branch, shrink, unit_columns
 from edgecompress.train import default_loss, fit
@@ -69,11 +69,18 @@ def apply_plan(model, groups, keeps, stats, batches, ctx, ref, p, curves) -> dic
     targets = (
         dense_targets(model, partial, batches, ctx.call) if p.recovery in SEQUENTIAL and partial else None
     )
+    inputs = (
+        dense_inputs(model, partial, batches, ctx.call)
+        if targets and p.recover_inputs and p.recovery == "lstsq"
+        else None
+    )
     shrink_all(model, groups, keeps, stats, p.recovery, p.ridge)
     rec: dict = {"output_error": ref.error(model=model)}  # model-output MSE on the calibration data
     if targets is not None:
         rec["output_error_before_lstsq"] = rec["output_error"]
-        rec["layers"] = reconstruct(model, partial, batches, ctx.call, targets, p.ridge, p.recovery)
+        rec["layers"] = reconstruct(
+            model, partial, batches, ctx.call, targets, p.ridge, p.recovery, p.ridge_folds, inputs
+        )
         rec["output_error"] = ref.error(model=model)
     info["recovery"] = rec
     return info

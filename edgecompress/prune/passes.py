@@ -72,11 +72,14 @@ class PruneStructured:
     round_to: int = 8
     recovery: str = "lstsq"
     ridge: float = 1.0
+    ridge_folds: int = 4
+    recover_inputs: bool = True
     recover_steps: int = 0
     recover_lr: float | None = None
     batch_size: int | None = None
     curve_points: int = 9
     curve_folds: int = 1
+    curve_samples: int = 0
     latency_points: int = 13
     latency_batch: int = 8
     latency_seq: int = 128
@@ -96,11 +99,13 @@ class PruneStructured:
                 raise ValueError(f"{name} must be {'a non-empty list of ' if name == 'granularity' else ''}"
                                  f"{' | '.join(valid)}, got {getattr(self, name)!r}")  # fmt: skip
         ints = [("round_to", 1), ("recover_steps", 0), ("curve_points", 2), ("latency_points", 2),
-                ("latency_batch", 1), ("latency_seq", 1), ("latency_rounds", 0), ("curve_folds", 1)]  # fmt: skip
+                ("latency_batch", 1), ("latency_seq", 1), ("latency_rounds", 0), ("curve_folds", 1), ("ridge_folds", 1), ("curve_samples", 0)]  # fmt: skip
         for name, low in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if not isinstance(self.recover_inputs, bool):
+            raise ValueError(f"recover_inputs must be true or false, got {self.recover_inputs!r}")
         for name in ("ridge", "latency_seconds"):
             v = getattr(self, name)
             if not (_num(v) and v >= 0):
@@ -148,9 +153,10 @@ class PruneStructured:
         orders = {g.name: ranking(self.score(model, g, stats[g.name])) for g in groups}
         table = self.table(model, groups, stats, ctx)
         groups = [g for g in groups if g.name in table.options]
-        ref = Reference(model, groups, batches, ctx.call, pooled=ctx.kind == "encoder")
+        measured = _first_samples(batches, self.curve_samples)  # the curves' (and reports') data
+        ref = Reference(model, groups, measured, ctx.call, pooled=ctx.kind == "encoder")
         curves = (
-            self.curves(model, groups, orders, table, self.folds(model, groups, stats, ref, batches, ctx))
+            self.curves(model, groups, orders, table, self.folds(model, groups, stats, ref, measured, ctx))
             if self.allocation == "layer_adaptive"
             else None
         )
@@ -264,6 +270,17 @@ class PruneStructured:
             highest = P.feasible_max(prep.table, _values(prep.table, curves))
             budget, record = aim(self.budget["latency"], highest, measure, self.latency_rounds)
         return self.allocate(prep.table, curves, budget), record
+
+
+def _first_samples(batches: list, n: int) -> list:
+    """The first batches holding at least ``n`` samples (all for 0)."""
+    out, count = [], 0
+    for b in batches:
+        if n and count >= n:
+            break
+        out.append(b)
+        count += len(b)
+    return out
 
 
 def _values(table: P.Table, curves) -> dict[str, list[float]] | None:

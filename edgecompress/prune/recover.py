@@ -33,13 +33,16 @@ rebuild what six removed heads wrote); ``lstsq`` 0.806 at ``ridge`` 1 (0.800 at 
 0.793 at 0.1, 0.748 at 0.01, 0.717 at 0.001 — a weaker ridge fits the calibration texts better and
 the others worse; a ridge towards zero was worse still: 0.55 vs 0.80 in an earlier run with 32 texts).
 With layer_adaptive allocation the best ridge is lower: 0.835 / 0.884 / 0.874 / 0.849 at 0.1 / 0.3 /
-1 / 3; the default stays 1 (one model, one budget; every other measured row uses it).
+1 / 3; the fixed ``ridge`` stays 1 (one model, one budget; every row measured before 2026-12-06 noon
+uses it). Since then the layer-by-layer refit picks each layer's ridge by held-out error
+(``ridge_folds``, :mod:`.reconstruct`); the curves' single-group refits keep the fixed ``ridge``.
 With layer_adaptive allocation (benchmarks/prune.py, ridge 1, 30 / 50 / 70 %): none 0.848 / 0.719 /
 0.536, ``scale`` 0.854 / 0.692 / 0.533, ``lstsq`` 0.926 / 0.874 / 0.795. ``lstsq``'s limit is not the
 solver: at 50 % it reaches cosine 0.955 on the 64 calibration texts themselves and 0.880 on the other
 246 train texts; with more texts the two meet (uniform: 0.970 / 0.812 with 64, 0.944 / 0.835 with
 128, 0.913 on the calibration texts and 0.848 on the test texts with all 310) — refitting only the
-output projections tops out near 0.88 at 50 % on this model.
+output projections tops out near 0.88 at 50 % on this model with 64 texts; with all 310 train texts,
+the held-out ridge and the input-side refit it reaches 0.910 (:mod:`.reconstruct` has the table).
 
 A removed branch (no kept column) becomes its mean output under ``bias``, ``scale`` and ``lstsq``.
 """

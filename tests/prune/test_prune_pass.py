@@ -128,7 +128,9 @@ def test_lstsq_recovery_is_the_least_squares_fit_on_the_pruned_inputs(layer, one
     output plus the dense residual stream minus the pruned one — what the pruned model computes up to
     it is fixed once the layers before it are refit."""
     loaded = tiny_timm("vit_tiny_patch16_224", depth=3, mlp_ratio=2.0)
-    model, info, batches = _run(loaded, allocation="uniform", budget={"params": 0.4}, round_to=4, ridge=0.0)
+    model, info, batches = _run(
+        loaded, allocation="uniform", budget={"params": 0.4}, round_to=4, ridge=0.0, ridge_folds=1
+    )
     block, norm = layer.split(".")[:2], "norm1" if "attn" in layer else "norm2"
     stream = f"{block[0]}.{block[1]}.{norm}"
     target = _rows(loaded.model, batches, layer, True) + _rows(loaded.model, batches, stream, False)
@@ -228,6 +230,9 @@ BAD = {
     "after n:m": ("passes: [{pass: nm_oneshot}, {pass: prune_structured}]",
                   "passes[1] 'prune_structured' cannot follow passes[0] 'nm_oneshot'"),
     "curve_folds 0": ("passes: [{pass: prune_structured, curve_folds: 0}]", "curve_folds must be an integer >= 1"),
+    "ridge_folds 0": ("passes: [{pass: prune_structured, ridge_folds: 0}]", "ridge_folds must be an integer >= 1"),
+    "recover_inputs yes": ("passes: [{pass: prune_structured, recover_inputs: maybe}]",
+                           "passes[0].recover_inputs: expected bool"),
     "latency_rounds -1": ("passes: [{pass: prune_structured, latency_rounds: -1}]",
                           "latency_rounds must be an integer >= 0"),
     "every head of a layer": ("calibration: {samples: 8}\neval: {samples: 8}\n"
