@@ -47,7 +47,12 @@ def safe_lse(s: torch.Tensor) -> torch.Tensor:
     eager PyTorch and in an exported graph alike."""
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return (s - m).exp().sum(-1).log() + m[..., 0]
+    return _log((s - m).exp().sum(-1)) + m[..., 0]
+
+
+def _log(total: torch.Tensor) -> torch.Tensor:
+    """``log`` with ``-inf`` at 0 whose gradient there is 0, not NaN (a row with nothing to sum)."""
+    return torch.where(total > 0, total.clamp(min=1e-30).log(), float("-inf"))
 
 
 def block_means(k: torch.Tensor, v: torch.Tensor, block: int, valid=None):
@@ -88,7 +93,8 @@ def dropped_part(q, k, v, keep, causal: bool, scale: float, block: int, valid=No
     """``(out, lse)`` ``[B, H, N, D]`` / ``[B, H, N]`` of the dropped blocks' estimates (module
     docstring); ``bias`` the model's additive mask beyond ``valid`` (float or bool, broadcastable to
     ``[B, H, N, N]``) or None. Rows estimating nothing: out 0, lse ``-inf``. The scores ``[.., nb]``
-    of a chunk of query blocks (``chunk_bytes``) are built, exponentiated and reduced in place."""
+    of a chunk of query blocks (``chunk_bytes``) are built, exponentiated and reduced chunk by chunk;
+    differentiable (the masked-dense reference and this run under autograd)."""
     b, h, n, d = q.shape
     group = h // k.shape[1]
     kbar, vbar, count = block_means(k, v, block, valid)
@@ -112,17 +118,17 @@ def dropped_part(q, k, v, keep, causal: bool, scale: float, block: int, valid=No
     rows = max(1, chunk_bytes // max(1, b * h * block * nb * 4))
     for r0 in range(0, nb, rows):
         r1 = min(nb, r0 + rows)
-        s = torch.matmul(qs[:, :, r0:r1], kbar[:, :, None].transpose(-1, -2))  # [B, H, R, bs, nb]
-        s += add[:, :, r0:r1]
+        s = (
+            torch.matmul(qs[:, :, r0:r1], kbar[:, :, None].transpose(-1, -2)) + add[:, :, r0:r1]
+        )  # [B, H, R, bs, nb]
         if beta is not None:
-            s += beta[:, :, r0:r1]
+            s = s + beta[:, :, r0:r1]
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, 0.0)
-        s.sub_(m).exp_()
-        total = s.sum(-1)  # [B, H, R, bs]
-        torch.matmul(s, vbar[:, :, None], out=out[:, :, r0:r1])
-        out[:, :, r0:r1] /= total.clamp(min=1e-30)[..., None]
-        lse[:, :, r0:r1] = total.log() + m[..., 0]
+        p = (s - m).exp()  # out of place: a later pass may train through the core (autograd)
+        total = p.sum(-1)  # [B, H, R, bs]
+        out[:, :, r0:r1] = torch.matmul(p, vbar[:, :, None]) / total.clamp(min=1e-30)[..., None]
+        lse[:, :, r0:r1] = _log(total) + m[..., 0]
     out, lse = out.view(b, h, nb * block, d), lse.view(b, h, nb * block)
     return (out[:, :, :n], lse[:, :, :n]) if pad else (out, lse)
 
