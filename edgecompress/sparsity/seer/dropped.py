@@ -28,7 +28,8 @@ with ``TRITON_INTERPRET=1``; on a GPU unverified here). The cost, measured again
 (``benchmarks/seer_dropped.py --parts speed``, 2-core Xeon, 2 threads, block 64, under the bench
 lock at load ~5, 2026-12-06): the C++ kernel with estimates over without, 0.86-1.06x at densities
 0.5 and 0.3 (noise) and 0.99-1.29x at 0.1, 4k and 16k tokens; merging the PyTorch estimates into the
-kernel's output instead cost 1.2-2.2x (why the kernel does it).
+kernel's output instead cost 1.2-2.2x (an earlier, in-place version of :func:`dropped_part`; why the
+kernel does it).
 """
 
 from __future__ import annotations
