@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edgecompress.sparsity.seer.gate import num_blocks
+from edgecompress.sparsity.seer.gate import num_blocks, pool_blocks
 
 DROPPED = ("skip", "mean")
 CHUNK_BYTES = 2 << 20  # the estimates' scores of one chunk of query blocks: they stay in cache
@@ -58,23 +58,17 @@ def _log(total: torch.Tensor) -> torch.Tensor:
 
 def block_means(k: torch.Tensor, v: torch.Tensor, block: int, valid=None):
     """``(k̄, v̄, count)``: per key block the mean key and value over its real keys ``[B, Hkv, nb, D]``
-    (float32; zero for a block without one) and the count of real keys ``[B, nb]``."""
-    b, hkv, n, d = k.shape
+    (float32, the gate's own average pooling; zero for a block without one) and the count of real
+    keys ``[B, nb]``."""
+    b, _, n, _ = k.shape
     nb = num_blocks(n, block)
-    pad = nb * block - n
-    kf, vf = k.float(), v.float()
-    if valid is None and not pad:
-        count = torch.full((b, nb), float(block), device=k.device)
-        return kf.view(b, hkv, nb, block, d).mean(3), vf.view(b, hkv, nb, block, d).mean(3), count
-    w = kf.new_ones(b, n) if valid is None else valid.float()
-    if pad:
-        kf, vf, w = F.pad(kf, (0, 0, 0, pad)), F.pad(vf, (0, 0, 0, pad)), F.pad(w, (0, pad))
-    wb = w.view(b, 1, nb, block, 1)
-    count = wb.sum(3)[:, 0, :, 0]  # [B, nb]
-    den = count.clamp(min=1.0).view(b, 1, nb, 1)
-    kbar = (kf.view(b, hkv, nb, block, d) * wb).sum(3) / den
-    vbar = (vf.view(b, hkv, nb, block, d) * wb).sum(3) / den
-    return kbar, vbar, count
+    real = torch.ones(b, n, device=k.device) if valid is None else valid.float()
+    count = F.pad(real, (0, nb * block - n)).view(b, nb, block).sum(-1)
+    return (
+        pool_blocks(k.float(), block, valid, ("avg",)),
+        pool_blocks(v.float(), block, valid, ("avg",)),
+        count,
+    )
 
 
 def _row_beta(bias, valid, n: int, nb: int, block: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from edgecompress.kernels.inputs import BLOCK_SIZES, block_mask_to_index
 from edgecompress.kernels.reference import element_mask
-from edgecompress.sparsity.seer.dropped import safe_lse
+from edgecompress.sparsity.seer.dropped import merge, safe_lse
 from edgecompress.sparsity.seer.gate import num_blocks
 
 GATHER_BYTES = 16 << 20  # gathered K and V per chunk of query blocks (cache-sized; buffers reused)
@@ -164,12 +164,7 @@ def _attend(q, k, v, mask, causal: bool, scale: float):
 
 def _merge(o1, l1, has1, o2, l2, has2):
     """Softmax over the union of two disjoint key sets from each part's output and log-sum-exp."""
-    l1 = l1.masked_fill(~has1, float("-inf"))
-    l2 = l2.masked_fill(~has2, float("-inf"))
-    m = torch.maximum(l1, l2)
-    m = torch.where(m.isfinite(), m, 0.0)
-    w1, w2 = (l1 - m).exp()[..., None], (l2 - m).exp()[..., None]
-    return (o1 * w1 + o2 * w2) / (w1 + w2).clamp(min=1e-30)
+    return merge(o1, l1.masked_fill(~has1, float("-inf")), o2, l2.masked_fill(~has2, float("-inf")))
 
 
 def _diagonal_part(qc, kb5, vb5, head, r0, r1, n, valid, scale):
