@@ -44,7 +44,9 @@ Fields: ``granularity`` (``heads``, ``mlp``, ``blocks``), ``importance``, ``allo
 a multiple of it), ``recovery`` (``none`` | ``bias`` | ``lstsq`` | ``scale``) and ``ridge`` (its strength,
 relative to the mean input energy), ``ridge_folds`` (K ≥ 2: each layer's ridge is the one of
 ``RIDGE_GRID`` with the least K-fold held-out error; 1: ``ridge`` everywhere), ``recover_inputs``
-(refit the kept q / k / v / fc1 rows before each output projection), ``recover_steps`` / ``recover_lr`` / ``batch_size`` (distillation
+(refit the kept q / k / v / fc1 rows before each output projection), ``refit_kept`` (refit the
+groups kept whole too), ``norm_weighted`` (weight each token's error by the ``1 / σ`` its LayerNorm
+applies), ``recover_steps`` / ``recover_lr`` / ``batch_size`` (distillation
 after pruning; the recipe's ``train:`` gives the rest), ``curve_points`` (measured options per group),
 ``curve_folds`` (1: curves measured on the data the recovery is fit on; K: K-fold cross-fitted),
 ``curve_samples`` (curves, additivity and the reported output error measured on the first N

@@ -65,7 +65,7 @@ def apply_plan(model, groups, keeps, stats, batches, ctx, ref, p, curves) -> dic
         joint = joint_error(model, groups, keeps, stats, ref, p.recovery, p.ridge)
         info["additivity"] = {"sum_of_single": predicted, "joint": joint,
                               "joint_over_sum": joint / predicted if predicted > 0 else None}  # fmt: skip
-    partial = [g for g in pruned if keeps[g.name]]
+    partial = [g for g in (groups if p.refit_kept and pruned else pruned) if keeps[g.name]]
     targets = (
         dense_targets(model, partial, batches, ctx.call) if p.recovery in SEQUENTIAL and partial else None
     )
@@ -79,7 +79,16 @@ def apply_plan(model, groups, keeps, stats, batches, ctx, ref, p, curves) -> dic
     if targets is not None:
         rec["output_error_before_lstsq"] = rec["output_error"]
         rec["layers"] = reconstruct(
-            model, partial, batches, ctx.call, targets, p.ridge, p.recovery, p.ridge_folds, inputs
+            model,
+            partial,
+            batches,
+            ctx.call,
+            targets,
+            p.ridge,
+            p.recovery,
+            p.ridge_folds,
+            inputs,
+            p.norm_weighted,
         )
         rec["output_error"] = ref.error(model=model)
     info["recovery"] = rec

@@ -74,6 +74,8 @@ class PruneStructured:
     ridge: float = 1.0
     ridge_folds: int = 4
     recover_inputs: bool = True
+    refit_kept: bool = True
+    norm_weighted: bool = True
     recover_steps: int = 0
     recover_lr: float | None = None
     batch_size: int | None = None
@@ -104,8 +106,9 @@ class PruneStructured:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        if not isinstance(self.recover_inputs, bool):
-            raise ValueError(f"recover_inputs must be true or false, got {self.recover_inputs!r}")
+        for name in ("recover_inputs", "refit_kept", "norm_weighted"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("ridge", "latency_seconds"):
             v = getattr(self, name)
             if not (_num(v) and v >= 0):
