@@ -50,7 +50,8 @@ Two more (2026-12-06, afternoon):
 
 MiniLM at 50 %, the shipped settings on all 310 train texts with ``curve_samples: 64`` (the
 acceptance row; one run each, /tmp scripts at nice 19, load 1–3): 0.903 before, ``norm_weighted``
-0.906, ``refit_kept`` 0.910, both **0.915** (NN agreement 66.5 → 71.9 %). vit-digits (64 images,
+0.906, ``refit_kept`` 0.910, both **0.915** (NN agreement 66.5 → 71.9 %); on 310 train texts +
+2982 stdlib paragraphs (113k tokens) 0.924; at 30 / 40 % with 310 texts 0.955 / 0.935. vit-digits (64 images,
 30 / 50 / 70 %): 97.78 / 96.89 / 93.56 before, 97.33 / 96.67 / 94.00 with both (top-1 agreement
 with the dense model 99.56 / 98.67 / 94.44 → 100.0 / 98.44 / 94.44; ±1 digit = 0.22 points).
 
