@@ -147,6 +147,11 @@ def norm_weights(stream: list[torch.Tensor]) -> list[torch.Tensor]:
     return [w / mean for w in inv]
 
 
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    """``[x, 1]``: the rows with a constant column appended (the bias's input)."""
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+
+
 def _row_folds(x: torch.Tensor, mask, offset: int, folds: int) -> torch.Tensor:
     """The fold of each (padding-free) row of ``x``: its sample's index (``offset`` + position in the
     batch) modulo ``folds`` — samples, not tokens, are held out together."""
@@ -214,7 +219,7 @@ def _collect(model, stop: str, batches, call, rows_of, m: int, d: int, folds: in
     def hook(_m, args):
         x = token_rows(args[0].detach(), mask["mask"]).float()
         if m > x.shape[1]:
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+            x = _with_ones(x)
         y = rows_of(state["i"]) - (state["res"].pop() if residual else 0.0)
         if weights_of is not None:
             w = weights_of(state["i"])[:, None]
@@ -312,8 +317,9 @@ def refit_inputs(
     output ``X̃_d [W, b]ᵀ`` on the same tokens. Returns each Linear's report (as :func:`_fit`)."""
     names = input_linears(model, g)
     d = model.get_submodule(names[0]).in_features
-    ones = lambda x: torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)  # noqa: E731
-    sums = _collect(model, names[0], batches, call, lambda i: ones(dense[i]), d + 1, d + 1, max(folds, 1))
+    sums = _collect(
+        model, names[0], batches, call, lambda i: _with_ones(dense[i]), d + 1, d + 1, max(folds, 1)
+    )
     out = {}
     for n in names:
         layer: nn.Linear = model.get_submodule(n)
