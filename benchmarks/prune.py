@@ -1,6 +1,7 @@
 """Structured pruning (``prune_structured``) vs Torch-Pruning: quality, additivity, plan time, speed (CPU).
 
     python benchmarks/prune.py [--parts dense quality tp ft additivity timing acceptance speed]
+                               [--parts acceptance-quality acceptance-split]
                                [--models vit-digits minilm] [--importances magnitude taylor activation]
                                [--budgets 0.3 0.5 0.7] [--calib 64] [--ft-steps 100] [--threads 2]
                                [--calib-data text|stdlib|text+stdlib] [--acceptance-calib 64]
@@ -34,7 +35,8 @@ Parts (rows are merged into ``benchmarks/results/prune-<machine>-<date>.json``, 
   both): embedding cosine on the test texts (target ≥ 0.95) and ORT latency vs dense (target ≤ 0.65×),
   alternated in one run. ``acceptance-quality`` (untimed) prunes, measures the cosine and saves the
   model in a temporary cache, so that a later ``acceptance`` run (under the bench lock) restores it
-  and only times (benchmarks/prune_acceptance.py).
+  and only times (benchmarks/prune_acceptance.py). ``acceptance-split`` (untimed) splits that row's
+  loss between attention and MLPs: the same widths with the attention, then the MLPs, kept whole.
 * ``speed`` — benchmarks/prune_speed.py: pruned vs dense latency ratios in PyTorch and ONNX Runtime
   (each pair alternated in one run), and whether a ``latency`` budget lands within 10 % of its target.
 
@@ -325,9 +327,11 @@ def _model_part(part: str, s: Setup, args) -> list[dict]:
 
 
 def _run_part(part: str, args, cache: dict) -> list[dict]:
-    if part in ("acceptance", "acceptance-quality"):
-        from benchmarks.prune_acceptance import acceptance_rows  # it imports this module
+    if part in ("acceptance", "acceptance-quality", "acceptance-split"):
+        from benchmarks.prune_acceptance import acceptance_rows, split_rows  # it imports this module
 
+        if part == "acceptance-split":
+            return split_rows(args)
         return acceptance_rows(args, timed=part == "acceptance")
     if part == "speed":
         with _threads(args.speed_threads):

@@ -4,6 +4,9 @@
 ``--acceptance-fields``, on ``--acceptance-calib`` texts of ``--calib-data``, measures the embedding
 cosine on the built-in test texts and saves the model in a temporary cache; ``acceptance`` (under the
 bench lock) restores that model and only times it against the dense model in ONNX Runtime.
+``acceptance-split`` (untimed) splits the acceptance row's loss between attention and MLPs: the same
+setting's widths, then the same widths with every attention group kept whole, then with every MLP
+kept whole (the rest pruned and recovered as the pass does).
 """
 
 from __future__ import annotations
@@ -22,6 +25,17 @@ from benchmarks.prune import Setup, _cut, _line, _metrics, _threads, setup
 from edgecompress.models.loading import restore
 from edgecompress.prune import PruneStructured
 from edgecompress.structure import save
+
+
+@dataclasses.dataclass(frozen=True)
+class _Widths(PruneStructured):
+    """The pass with its allocation replaced by fixed widths (a diagnosis, not a method)."""
+
+    widths: dict = dataclasses.field(default_factory=dict)
+
+    def allocate(self, table, curves, budget=None) -> dict[str, int]:
+        return dict(self.widths)
+
 
 CACHE = Path(tempfile.gettempdir()) / "edgecompress-prune-acceptance"  # the pruned acceptance model
 
@@ -66,3 +80,23 @@ def acceptance_rows(args, timed: bool = True) -> list[dict]:
            "latency_target_met": speed["ratio"] <= 0.65}  # fmt: skip
     print(_line(row), flush=True)
     return [row]
+
+
+def split_rows(args) -> list[dict]:
+    """The acceptance setting's loss (``1 − cosine``) with its allocation as is, then with the attention
+    groups kept whole (only its MLP cuts), then with the MLPs kept whole (only its head cuts)."""
+    n, fields = args.acceptance_calib, args.acceptance_fields
+    s = setup("minilm", n, 0, prune_calibset.spec(args.calib_data))
+    p = PruneStructured(budget={"params": 0.5}, **fields)
+    prep = p.prepare(s.loaded.model, s.ctx)
+    widths = p.allocate(prep.table, prep.curves)
+    rows = []
+    for label, whole in (("as allocated", ()), ("attention whole", ("heads",)), ("mlp whole", ("mlp",))):
+        w = {g.name: g.units if g.kind in whole else widths[g.name] for g in prep.groups}
+        model, info = _cut(s, _Widths(**dataclasses.asdict(p), widths=w), prep)
+        row = {"part": "acceptance_split", "model": "minilm", "cut": label, "calibration": f"{args.calib_data}:{n}",
+               "fields": fields, **_metrics(s, model), "removed": info["removed"], "kept": info["kept"]}  # fmt: skip
+        row["loss"] = round(1 - row["cosine_mean"], 5)
+        print(_line(row), flush=True)
+        rows.append(row)
+    return rows

@@ -19,9 +19,10 @@ KEY = (
     "what",
     "calibration",
     "fields",
+    "cut",
 )
-SHOWN = ("part", "model", "method", "importance", "recovery", "allocation", "budget", "removed", "top1",
-         "cosine_mean", "nn_agreement", "dp_sum", "dp_joint", "random_corr", "total_seconds", "speedup")  # fmt: skip
+SHOWN = ("part", "model", "cut", "method", "importance", "recovery", "allocation", "budget", "removed", "top1",
+         "cosine_mean", "loss", "nn_agreement", "dp_sum", "dp_joint", "random_corr", "total_seconds", "speedup")  # fmt: skip
 
 
 def line(r: dict) -> str:
@@ -84,6 +85,7 @@ def summary(rows: list[dict]) -> dict:
         "latency_targets": {r["model"]: r["measured_over_predicted"] for r in rows if r.get("what") == "latency_target"},
         "acceptance": [{k: r.get(k) for k in ("calibration", "fields", "calibration_samples", "cosine_mean", "speedup", "cosine_target_met",
                                           "latency_target_met")} for r in rows if r["part"] == "acceptance"],
+        "acceptance_split": {r["cut"]: {"removed": r["removed"], "loss": r["loss"]} for r in rows if r["part"] == "acceptance_split"},
     }  # fmt: skip
 
 
