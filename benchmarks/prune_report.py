@@ -52,21 +52,27 @@ def _metric(r: dict) -> float | None:
 
 def _vs_torch_pruning(rows: list[dict], q: dict) -> dict:
     """Ours minus Torch-Pruning at equal training: none (our activation + layer_adaptive + lstsq quality
-    row vs its ``tp`` row) and the same ``ft_steps`` (both ``ft`` rows)."""
+    row vs its ``tp`` row) and the same ``ft_steps`` (both ``ft`` rows, matched by their steps)."""
     ours = {
-        (r["model"], r["budget"]): _metric(r)
+        (r["model"], r["budget"], r["ft_steps"]): _metric(r)
         for r in rows
         if r["part"] == "ft" and r.get("method") != "torch-pruning"
     }
     theirs = {
-        (r["model"], r["budget"], r["part"]): _metric(r) for r in rows if r.get("method") == "torch-pruning"
+        (r["model"], r["budget"], r["part"], r.get("ft_steps")): _metric(r)
+        for r in rows
+        if r.get("method") == "torch-pruning"
     }
     out = {}
-    for (m, b, part), v in sorted(theirs.items()):
-        mine = q.get((m, "activation", "lstsq", "layer_adaptive", b)) if part == "tp" else ours.get((m, b))
+    for (m, b, part, steps), v in sorted(theirs.items(), key=str):
+        mine = (
+            q.get((m, "activation", "lstsq", "layer_adaptive", b))
+            if part == "tp"
+            else ours.get((m, b, steps))
+        )
         if mine is not None:
-            out[f"{m}/{b}/{'no-training' if part == 'tp' else 'finetuned'}"] = round(mine - v, 4)
-    return out  # fmt: skip
+            out[f"{m}/{b}/{'no-training' if part == 'tp' else f'finetuned-{steps}'}"] = round(mine - v, 4)
+    return out
 
 
 def summary(rows: list[dict]) -> dict:
