@@ -43,13 +43,14 @@ def element_mask(block_mask: torch.Tensor, n: int, block: int, causal: bool) -> 
     return mask
 
 
-def _masked_attention(q, k, v, mask: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention under an element mask; rows with nothing kept get zero probabilities."""
+def _masked_attention(q, k, v, mask: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, ...]:
+    """Softmax attention under an element mask: ``(out, probabilities, masked scores)``; rows with
+    nothing kept get zero probabilities (and scores of ``-inf`` only)."""
     s = _scores(q, k, sm_scale).masked_fill(~mask, float("-inf"))  # [B, H, N, N]
     p = torch.softmax(s, dim=-1).nan_to_num(nan=0.0)  # fully masked rows: NaN -> 0
     group = q.shape[1] // k.shape[1]
     v = v.repeat_interleave(group, dim=1).to(p.dtype)  # [B, H, N, D]
-    return (p @ v).to(q.dtype), p
+    return (p @ v).to(q.dtype), p, s
 
 
 def block_sparse_attention(
@@ -73,11 +74,8 @@ def block_sparse_attention(
     if isinstance(block_mask, BlockIndex):
         block_mask = index_to_block_mask(block_mask, num_blocks(n, block))
     mask = element_mask(block_mask, n, block, causal)  # [B, H, N, N]
-    out = _masked_attention(q, k, v, mask, resolve_scale(sm_scale, d))[0]
-    if not return_lse:
-        return out
-    s = _scores(q, k, resolve_scale(sm_scale, d)).float().masked_fill(~mask, float("-inf"))
-    return out, s.logsumexp(-1)  # rows of -inf only: -inf
+    out, _, s = _masked_attention(q, k, v, mask, resolve_scale(sm_scale, d))
+    return (out, s.float().logsumexp(-1)) if return_lse else out  # rows of -inf only: -inf
 
 
 def attention_with_pooled_probs(
@@ -97,7 +95,7 @@ def attention_with_pooled_probs(
     mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
     if causal:
         mask = mask.tril()
-    out, p = _masked_attention(q, k, v, mask, resolve_scale(sm_scale, d))  # p: [B, H, N, N]
+    out, p, _ = _masked_attention(q, k, v, mask, resolve_scale(sm_scale, d))  # p: [B, H, N, N]
     nb = num_blocks(n, block)
     pad = nb * block - n
     p = F.pad(p, (0, pad, 0, pad))  # [B, H, nQ*block, nK*block]
