@@ -90,8 +90,8 @@ def tiled(
     """Attention of ``q`` ``[B, H, N, D]`` over the kept blocks of ``k``/``v`` ``[B, Hkv, N, D]`` (GQA:
     query head ``h`` reads K/V head ``h // (H / Hkv)``); ``keep`` ``[B, H, nb, nb]``; ``valid`` ``[B, N]``
     the real keys. Rows with no visible key give 0. See the module docstring. With ``lse``: ``(out,
-    logsumexp [B, H, N])`` (float32, ``-inf`` for a row with no visible key; one more pass over the
-    scores)."""
+    logsumexp [B, H, N])`` (float32, ``-inf`` for a row with no visible key; the probabilities are then
+    ``exp(s − lse)``)."""
     b, h, n, d = q.shape
     hkv, nb = k.shape[1], num_blocks(n, block)
     pad, bh = nb * block - n, b * h
@@ -141,9 +141,12 @@ def tiled(
         if tri is not None:  # the diagonal block, in slot 0 where kept
             first = s.view(p, block, w, block)[:, :, 0]
             first += tri if diag_all else torch.where(diagonal[p0:p1, None, None], tri, 0.0)
-        if lse:
-            lv[r0:r1, j0:j1] = torch.logsumexp(s, -1).float().view(lv[r0:r1, j0:j1].shape)
-        torch.ops.aten._softmax.out(s, -1, False, out=s)
+        if lse:  # the softmax from the log-sum-exp: exp(s − lse), in place (no second reduction)
+            row_lse = torch.logsumexp(s, -1, keepdim=True)
+            lv[r0:r1, j0:j1] = row_lse.float().view(lv[r0:r1, j0:j1].shape)
+            torch.sub(s, row_lse, out=s).exp_()  # a row with nothing kept: NaN, zeroed below
+        else:
+            torch.ops.aten._softmax.out(s, -1, False, out=s)
         if masked:
             s.nan_to_num_(nan=0.0)
         dst.copy_(torch.bmm(s, vg, out=obuf[:p]).view(dst.shape))
