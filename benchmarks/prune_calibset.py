@@ -91,8 +91,8 @@ def spec(name: str, model: str = "minilm") -> str | None:
 
 
 def write(path: Path | None = None, with_train: bool = False) -> Path:
-    """Write the set (one text a line) to ``path`` (default: a file in the temporary folder)."""
-    """``with_train``: the built-in train texts first, then the set (``text+stdlib``)."""
+    """Write the set (one text a line) to ``path`` (default: a file in the temporary folder);
+    ``with_train``: the built-in train texts first, then the set (``text+stdlib``)."""
     name = "edgecompress-calib-" + ("text+stdlib" if with_train else "stdlib") + ".txt"
     path = path or Path(tempfile.gettempdir()) / name
     texts = (load_texts("text", "train") if with_train else []) + stdlib_texts()
