@@ -19,6 +19,7 @@ Rows go to the ``dropped-speed`` / ``dropped-oracle`` parts of ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import types
@@ -39,15 +40,6 @@ ORACLE_RUNS = (
     ("oracle_mass", 0.3),
     ("oracle_mass", 0.1),
 )
-
-
-def _sibling(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _time(seer, q, k, v, core, keep, reps: int) -> dict:
@@ -87,7 +79,7 @@ def speed(args, seer) -> list[dict]:
     return rows
 
 
-def oracle(args) -> list[dict]:
+def oracle(args, seer) -> list[dict]:
     from transformers import AutoTokenizer
 
     from edgecompress.data.metrics import evaluate
@@ -95,8 +87,7 @@ def oracle(args) -> list[dict]:
     from edgecompress.models.attention import adapters
     from edgecompress.models.loading import load_model
 
-    diag = _sibling("seer_diagnose")
-    SQ = diag.sibling("seer").sibling("seer_quality")
+    diag, SQ = seer.sibling("seer_diagnose"), seer.sibling("seer_quality")
     loaded = load_model("demo:minilm")
     tok = AutoTokenizer.from_pretrained(loaded.tokenizer_dir, local_files_only=True)
     specials = (tok.cls_token_id, tok.sep_token_id)
@@ -139,7 +130,7 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
-    seer = _sibling("seer")
+    seer = importlib.import_module("benchmarks.seer")  # its sibling() loads the other scripts
     if "speed" in args.parts:
         torch.set_num_threads(args.threads)
         seer.save_part(
@@ -147,7 +138,7 @@ def main(argv=None):
         )
     if "oracle" in args.parts:
         torch.set_num_threads(1)
-        seer.save_part(args.out, "dropped-oracle", oracle(args), {"tokens": 512})
+        seer.save_part(args.out, "dropped-oracle", oracle(args, seer), {"tokens": 512})
 
 
 if __name__ == "__main__":
